@@ -1,0 +1,41 @@
+"""Prompt rendering and batching shared by activation collection, alignment data and evaluation.
+
+Each model is spoken to in its own chat template, because that is how the evaluator
+prompts it (and how a Trojan is triggered). Base models without a template get the
+user text on a line of its own.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def prompt_ids(tokenizer, user_text: str) -> list[int]:
+    """Token ids of a one-turn user prompt, ready for the model's answer."""
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": user_text}], add_generation_prompt=True, tokenize=False
+        )
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+    return tokenizer(user_text + "\n", add_special_tokens=True)["input_ids"]
+
+
+def pad_id(tokenizer) -> int:
+    """The id used for padding (eos when the tokenizer defines no pad token)."""
+    if tokenizer.pad_token_id is not None:
+        return tokenizer.pad_token_id
+    eos = tokenizer.eos_token_id
+    if isinstance(eos, list):
+        eos = eos[0]
+    return 0 if eos is None else eos
+
+
+def right_padded(sequences: list[list[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``input_ids`` and ``attention_mask`` with every sequence starting at position 0."""
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+        mask[row, : len(seq)] = 1
+    return ids.to(device), mask.to(device)

@@ -1,0 +1,87 @@
+"""The permutation-symmetric backbone: an EinNet for the ``ab`` symmetry type.
+
+The input is a matrix-shaped set of features ``x[..., a, b, c]`` where ``a`` (N samples) and
+``b`` (H neurons) are two *independent* permutation axes and ``c`` is an ordinary channel
+axis. Every layer is equivariant to permuting ``a`` and ``b`` separately, so a stack of them
+is too (appendix B of the TeleLoRA paper). A layer is
+
+    fan-in linear on c  ->  einsum pooling over (a, b)  ->  fan-out linear on c
+
+and the pooling has five branches, each fed by its own slice of the fan-in channels:
+
+* identity                                  ``y[a,b] = x[a,b]``
+* mean over neurons (row mean)              ``y[a,b] = mean_b' x[a,b']``
+* mean over samples (column mean)           ``y[a,b] = mean_a' x[a',b]``
+* elementwise product                       ``y[a,b] = z[a,b] * x[a,b]``
+* one order-3 contraction                   ``y[a,b] = mean_{a',b'} z[a',b'] z'[a,b'] x[a',b]``
+
+``z`` marks a standardised input (zero mean, unit variance over the whole a-by-b slice).
+Using means rather than sums and standardising the multiplied operands keeps every branch
+O(1) whatever N and H are, which is what lets one network serve layers of width 8 and
+14336 alike. The linear layers act on channels only and so never see N or H.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+_BRANCH_INPUTS = 8  # channel slices the pooling consumes: 1 + 1 + 1 + 2 + 3
+_BRANCH_OUTPUTS = 5
+
+
+def _standardise(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """Zero mean, unit variance over the (a, b) slice of every channel."""
+    mean = x.mean(dim=(-3, -2), keepdim=True)
+    std = x.std(dim=(-3, -2), keepdim=True, unbiased=False)
+    return (x - mean) / (std + eps)
+
+
+class EinsumPoolAB(nn.Module):
+    """Equivariant pooling for the ``ab`` type; input channels ``8*w`` -> output ``5*w``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        chunks = x.chunk(_BRANCH_INPUTS, dim=-1)
+        n, h = x.shape[-3], x.shape[-2]
+        identity = chunks[0]
+        row_mean = chunks[1].mean(dim=-2, keepdim=True).expand_as(chunks[1])
+        col_mean = chunks[2].mean(dim=-3, keepdim=True).expand_as(chunks[2])
+        product = _standardise(chunks[3]) * chunks[4]
+        # order 3, contracted pairwise so the largest intermediate is N x N per channel
+        gram = torch.einsum("...ick,...jck->...ijk", _standardise(chunks[5]), _standardise(chunks[6])) / h
+        order3 = torch.einsum("...ijk,...ibk->...jbk", gram, chunks[7]) / n
+        return torch.cat((identity, row_mean, col_mean, product, order3), dim=-1)
+
+
+class EinLayer(nn.Module):
+    """Fan-in linear, einsum pooling, fan-out linear (all linear maps act on channels)."""
+
+    def __init__(self, in_channels: int, pool_width: int, out_channels: int):
+        super().__init__()
+        self.fan_in = nn.Linear(in_channels, pool_width * _BRANCH_INPUTS)
+        self.pool = EinsumPoolAB()
+        self.fan_out = nn.Linear(pool_width * _BRANCH_OUTPUTS, out_channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fan_out(self.pool(self.fan_in(x)))
+
+
+class EinNet(nn.Module):
+    """Stacked equivariant layers with GELU and residual connections.
+
+    ``x[..., N, H, in_channels] -> y[..., N, H, out_channels]``, equivariant to permutations
+    of N and of H.
+    """
+
+    def __init__(self, in_channels: int, hidden: int, out_channels: int, stacks: int):
+        super().__init__()
+        self.input_layer = EinLayer(in_channels, hidden, hidden)
+        self.blocks = nn.ModuleList(EinLayer(hidden, hidden, hidden) for _ in range(stacks - 1))
+        self.output_layer = EinLayer(hidden, hidden, out_channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.input_layer(x)
+        for block in self.blocks:
+            h = h + block(F.gelu(h))
+        return self.output_layer(F.gelu(h))

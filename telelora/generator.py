@@ -1,0 +1,75 @@
+"""TeleLoRA generators: activations of one linear layer -> a multiplicative LoRA adapter.
+
+One :class:`AdapterGenerator` per projection type (q, k, v, o, gate, up, down) is shared by
+every layer of every LLM. It reads ``X`` (N reference samples x H input neurons), and its
+EinNet backbone emits two N x H maps ``U0, V0``; the ``r`` rows with the largest
+``|U0_i| |V0_i|`` (the strongest rank-one terms of ``V0^T U0``) become ``U, V`` (r x H).
+
+Symmetry, by construction: permuting the N samples permutes the rows of ``U0, V0`` and so
+selects the same rows (adapter ``V^T U`` unchanged); permuting the H neurons permutes the
+columns of ``U`` and ``V`` alike. Choosing the rows by strength instead of at random keeps
+the adapter an exact function of the *set* of samples, in training and at mitigation.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from telelora.einnet import EinNet
+from telelora.metaparameters import PROJECTION_TYPES, Metaparameters
+
+
+class AdapterGenerator(nn.Module):
+    """``X (N x H) -> U, V (r x H)`` for one projection type, any width H."""
+
+    def __init__(self, hidden: int, stacks: int, use_depth_channel: bool):
+        super().__init__()
+        self.use_depth_channel = use_depth_channel
+        self.net = EinNet(in_channels=1 + int(use_depth_channel), hidden=hidden, out_channels=2, stacks=stacks)
+        # Zero the V channel: the first adapters are exactly the identity (V^T U = 0), and
+        # gradients still reach V (dL/dV = U-weighted), as with a zero-initialised LoRA B.
+        with torch.no_grad():
+            self.net.output_layer.fan_out.weight[1].zero_()
+            self.net.output_layer.fan_out.bias[1].zero_()
+
+    def forward(self, activations: torch.Tensor, depth: float, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x = activations.float()
+        n, h = x.shape
+        if rank > n:
+            raise ValueError(f"rank {rank} exceeds the number of reference samples {n}")
+        # a multiplicative adapter is scale-free in x, so only the shape of X matters
+        x = x / x.pow(2).mean().sqrt().clamp_min(1e-12)
+        channels = [x]
+        if self.use_depth_channel:
+            channels.append(torch.full_like(x, float(depth)))
+        out = self.net(torch.stack(channels, dim=-1))
+        u0, v0 = out[..., 0], out[..., 1]
+        strength = u0.norm(dim=-1) * v0.norm(dim=-1)
+        rows = strength.topk(rank).indices
+        # unit-norm-sized rows (entries ~ 1/sqrt(H)) keep V^T U O(1) for every width
+        scale = h**-0.5
+        return u0[rows] * scale, v0[rows] * scale
+
+
+class GeneratorBank(nn.Module):
+    """The set of generators, one per projection type, with the config that built them."""
+
+    def __init__(self, hidden: int, stacks: int, use_depth_channel: bool, projection_types=PROJECTION_TYPES):
+        super().__init__()
+        self.config = {
+            "generator_hidden": hidden,
+            "generator_stacks": stacks,
+            "use_depth_channel": use_depth_channel,
+            "projection_types": list(projection_types),
+        }
+        self.generators = nn.ModuleDict(
+            {t: AdapterGenerator(hidden, stacks, use_depth_channel) for t in projection_types}
+        )
+
+    @classmethod
+    def from_metaparameters(cls, meta: Metaparameters) -> GeneratorBank:
+        return cls(meta.generator_hidden, meta.generator_stacks, meta.use_depth_channel)
+
+    def forward(self, projection_type: str, activations: torch.Tensor, depth: float, rank: int):
+        return self.generators[projection_type](activations, depth, rank)

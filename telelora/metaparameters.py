@@ -1,0 +1,108 @@
+"""The one place where configuration is defined: ``metaparameters_schema.json`` plus this
+typed view of it. Files are validated once, at load time, and everything downstream
+takes a :class:`Metaparameters`."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import jsonschema
+
+from telelora.errors import MetaparameterError
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+PROJECTION_TYPES = ("q", "k", "v", "o", "gate", "up", "down")
+
+
+@dataclasses.dataclass(frozen=True)
+class Metaparameters:
+    """Every knob of generation, mitigation and meta-training (see the schema's descriptions)."""
+
+    generator_stacks: int
+    generator_hidden: int
+    rank: int
+    num_reference_texts: int
+    activation_tokens: str
+    use_depth_channel: bool
+    target_projections: tuple[str, ...]
+    mitigation_steps: int
+    step_size: float
+    learning_rate: float
+    train_iterations: int
+    train_batch_size: int
+    alignment_examples_per_model: int
+    max_tokens: int
+    answer_tokens: int
+    activation_batch_size: int
+    dtype: str
+    seed: int
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["target_projections"] = list(self.target_projections)
+        return d
+
+
+def default_paths() -> tuple[Path, Path]:
+    """The metaparameters and schema shipped at the repository (or container) root."""
+    return REPO_ROOT / "metaparameters.json", REPO_ROOT / "metaparameters_schema.json"
+
+
+def _read_json(path: Path, what: str) -> dict:
+    if not path.is_file():
+        raise MetaparameterError(f"{what} {path} does not exist; pass an existing JSON file")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise MetaparameterError(f"{what} {path} is not valid JSON: {err}") from err
+
+
+def _describe(error: jsonschema.ValidationError, path: Path) -> str:
+    """One line naming the key, the value and what is allowed."""
+    key = ".".join(str(p) for p in error.absolute_path) or "(top level)"
+    spec = error.schema if isinstance(error.schema, dict) else {}
+    if error.validator in ("minimum", "maximum"):
+        allowed = f"allowed range [{spec.get('minimum')}, {spec.get('maximum')}]"
+    elif error.validator == "enum":
+        allowed = f"allowed values {spec.get('enum')}"
+    elif error.validator == "additionalProperties":
+        return f"{path}: {error.message}; remove the key (allowed keys are in the schema)"
+    elif error.validator == "required":
+        return f"{path}: {error.message}"
+    else:
+        allowed = error.message
+    return f"{path}: key '{key}' has value {error.instance!r}; {allowed}"
+
+
+def validate(values: dict, schema: dict, path: Path) -> None:
+    """Raise :class:`MetaparameterError` with the first, most relevant schema violation."""
+    validator = jsonschema.Draft7Validator(schema)
+    error = jsonschema.exceptions.best_match(validator.iter_errors(values))
+    if error is not None:
+        raise MetaparameterError(_describe(error, path))
+    if values["rank"] > values["num_reference_texts"]:
+        raise MetaparameterError(
+            f"{path}: key 'rank' has value {values['rank']}; it must be at most "
+            f"num_reference_texts ({values['num_reference_texts']}), since rows are chosen among the N samples"
+        )
+
+
+def load(metaparameters_path: str | Path | None = None, schema_path: str | Path | None = None) -> Metaparameters:
+    """Read, validate and type the metaparameters (defaults: the shipped files)."""
+    default_meta, default_schema = default_paths()
+    meta_path = Path(metaparameters_path) if metaparameters_path else default_meta
+    schema_file = Path(schema_path) if schema_path else default_schema
+    values = _read_json(meta_path, "metaparameters file")
+    schema = _read_json(schema_file, "schema file")
+    if not isinstance(values, dict):
+        raise MetaparameterError(f"{meta_path}: expected a JSON object of metaparameters")
+    validate(values, schema, meta_path)
+    fields = {f.name for f in dataclasses.fields(Metaparameters)}
+    unknown = set(values) - fields
+    if unknown:  # the schema allows a key this code does not know: a packaging mistake
+        raise MetaparameterError(f"{schema_file}: keys {sorted(unknown)} are not known to this version of telelora")
+    values = {k: v for k, v in values.items()}
+    values["target_projections"] = tuple(values["target_projections"])
+    return Metaparameters(**values)

@@ -1,0 +1,144 @@
+"""Load a model folder safely and save a model + tokenizer atomically.
+
+A folder is checked before anything heavy happens, so bad input gets one line that names
+the file and the fix: missing folder, no ``config.json``, no or unreadable safetensors,
+unknown architecture, no tokenizer. Only safetensors are loaded and ``trust_remote_code``
+stays off unless the caller turns it on.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from telelora.errors import TeleLoRAError
+from telelora.io_utils import publish_dir, staging_dir
+
+log = logging.getLogger(__name__)
+
+
+def resolve_model_dir(path: str | Path) -> Path:
+    """A model folder, or a file inside one (``--model_filepath`` may name either)."""
+    path = Path(path)
+    if path.is_file():
+        path = path.parent
+    if not path.is_dir():
+        raise TeleLoRAError(f"model folder {path} does not exist; pass the folder that holds config.json")
+    return path
+
+
+def weight_files(model_dir: Path) -> list[Path]:
+    """The safetensors files of a model folder (sharded through an index, or single)."""
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError, TypeError) as err:
+            raise TeleLoRAError(f"{index} is not a valid safetensors index ({err}); re-save the model") from err
+        files = [model_dir / s for s in shards]
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise TeleLoRAError(f"{index} lists shards that are missing: {missing}")
+        return files
+    single = model_dir / "model.safetensors"
+    if single.is_file():
+        return [single]
+    raise TeleLoRAError(
+        f"{model_dir} holds no model.safetensors or model.safetensors.index.json; "
+        "only safetensors weights are loaded (convert .bin checkpoints with save_pretrained)"
+    )
+
+
+def check_model_dir(model_dir: Path) -> dict:
+    """Validate the folder's config and weight files; return the parsed config."""
+    config_path = model_dir / "config.json"
+    if not config_path.is_file():
+        raise TeleLoRAError(f"{model_dir} has no config.json; pass a Hugging Face model folder")
+    try:
+        config = json.loads(config_path.read_text())
+    except (ValueError, UnicodeDecodeError) as err:
+        raise TeleLoRAError(f"{config_path} is not valid JSON ({err})") from err
+    for file in weight_files(model_dir):
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                f.keys()
+        except Exception as err:  # safetensors raises its own error types for bad headers
+            raise TeleLoRAError(f"{file} is not a readable safetensors file ({err}); the model folder is corrupt") from err
+    return config
+
+
+def round_config(model_dir: Path) -> dict:
+    """``round_config.json`` (or its copy ``reduced-config.json``) when present, else ``{}``."""
+    for name in ("round_config.json", "reduced-config.json"):
+        path = model_dir / name
+        if path.is_file():
+            try:
+                return json.loads(path.read_text())
+            except ValueError:
+                log.warning("%s is not valid JSON; ignoring it", path)
+    return {}
+
+
+def pick_device_dtype(dtype: str = "auto") -> tuple[torch.device, torch.dtype]:
+    """bf16 on a GPU and fp32 on a CPU unless ``dtype`` says otherwise."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if dtype == "auto":
+        return device, torch.bfloat16 if device.type == "cuda" else torch.float32
+    return device, {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+
+
+def load_tokenizer(model_dir: Path, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
+    except Exception as err:
+        raise TeleLoRAError(f"{model_dir}: the tokenizer does not load ({type(err).__name__}: {err})") from err
+
+
+def load_model(model_dir: Path, device: torch.device, dtype: torch.dtype, trust_remote_code: bool = False):
+    """Load a causal LM from a checked folder, frozen and in eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    check_model_dir(model_dir)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            str(model_dir), dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code
+        )
+    except Exception as err:
+        raise TeleLoRAError(
+            f"{model_dir}: the model does not load as a causal LM ({type(err).__name__}: {err}); "
+            "unknown architectures need a transformers version that knows them"
+            + ("" if trust_remote_code else " or --trust_remote_code")
+        ) from err
+    model.to(device).eval()
+    model.requires_grad_(False)
+    return model
+
+
+def check_output_dir(output_dir: Path) -> None:
+    """Fail early, before any heavy work, when ``output_dir`` cannot be written."""
+    try:
+        staging_dir(output_dir).rmdir()
+    except OSError as err:
+        raise TeleLoRAError(f"output folder {output_dir} cannot be written ({err}); pass a writable --output_dirpath") from err
+
+
+def save_model(model, tokenizer, output_dir: Path, extra_files: dict[str, str] | None = None) -> None:
+    """``save_pretrained`` model + tokenizer into a staging folder, then publish it atomically."""
+    staging = staging_dir(output_dir)
+    try:
+        model.save_pretrained(str(staging), safe_serialization=True)
+        tokenizer.save_pretrained(str(staging))
+        for name, text in (extra_files or {}).items():
+            (staging / name).write_text(text)
+        publish_dir(staging, output_dir)
+    except BaseException:
+        import shutil
+
+        shutil.rmtree(staging, ignore_errors=True)
+        raise

