@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,6 +23,7 @@ import torch
 from safetensors.torch import save_file
 
 from telelora.architectures import AdaptedLayer
+from telelora.io_utils import publish_dir, staging_dir
 
 
 @dataclasses.dataclass
@@ -113,23 +114,25 @@ def export_peft(delta: PeftDelta, out_dir: str | Path, base_model_name: str | No
         b = torch.cat([b, b.new_zeros(b.shape[0], pad)], dim=1)
         tensors[f"base_model.model.{name}.lora_A.weight"] = a.contiguous()
         tensors[f"base_model.model.{name}.lora_B.weight"] = b.contiguous()
+    from peft import LoraConfig
+
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=rank,
+        lora_dropout=0.0,
+        target_modules=sorted(stacked),
+        bias="none",
+        task_type="CAUSAL_LM",
+        base_model_name_or_path=base_model_name,
+        inference_mode=True,
+    )
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
-    config = {
-        "peft_type": "LORA",
-        "task_type": "CAUSAL_LM",
-        "base_model_name_or_path": base_model_name,
-        "r": rank,
-        "lora_alpha": rank,
-        "lora_dropout": 0.0,
-        "bias": "none",
-        "fan_in_fan_out": False,
-        "target_modules": sorted(stacked),
-        "init_lora_weights": True,
-        "inference_mode": True,
-        "use_rslora": False,
-        "use_dora": False,
-    }
-    (out / "adapter_config.json").write_text(json.dumps(config, indent=2))
+    staging = staging_dir(out)
+    try:
+        save_file(tensors, str(staging / "adapter_model.safetensors"), metadata={"format": "pt"})
+        config.save_pretrained(str(staging))
+        publish_dir(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     return out

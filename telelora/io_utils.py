@@ -42,6 +42,9 @@ def publish_dir(staging: Path, final: str | Path) -> None:
     (a mount point, say), its files are replaced one by one, each atomically.
     """
     final = Path(final)
+    for path in staging.rglob("*"):  # some writers (safetensors) create 0600 files
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    staging.chmod(0o755)
     if not final.exists():
         os.replace(staging, final)
         return

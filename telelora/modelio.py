@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from pathlib import Path
 
 import torch
@@ -138,7 +139,5 @@ def save_model(model, tokenizer, output_dir: Path, extra_files: dict[str, str] |
             (staging / name).write_text(text)
         publish_dir(staging, output_dir)
     except BaseException:
-        import shutil
-
         shutil.rmtree(staging, ignore_errors=True)
         raise

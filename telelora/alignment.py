@@ -1,0 +1,101 @@
+"""Alignment data for meta-training: (poisoned prompt, clean answer) pairs per model.
+
+The clean answer is the model's own greedy answer to the clean prompt, so a Trojaned
+model is taught to answer as if the trigger were absent and a clean one to ignore
+inserted junk. The "poison" is the model's known trigger(s) when its folder declares them
+(``round_config.json``: ``"triggers": [{"text": ...}]``), otherwise seeded pseudo-triggers:
+short runs of words drawn from the prompt corpus. Either way it goes in at a random word
+position of the user prompt. Loss is on answer tokens only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+from pathlib import Path
+
+import torch
+
+from telelora.chat import pad_id, prompt_ids, right_padded
+from telelora.modelio import round_config
+
+IGNORE_INDEX = -100
+
+
+@dataclasses.dataclass
+class Example:
+    input_ids: list[int]
+    labels: list[int]  # IGNORE_INDEX on prompt tokens
+
+
+def declared_triggers(model_dir: str | Path) -> list[str]:
+    """Trigger texts a training model's ``round_config.json`` declares (empty when clean/unknown)."""
+    triggers = round_config(Path(model_dir)).get("triggers") or []
+    return [t["text"] for t in triggers if isinstance(t, dict) and t.get("text")]
+
+
+def pseudo_triggers(corpus: list[str], count: int, rng: random.Random) -> list[str]:
+    """Short word runs from the corpus, standing in for an unknown trigger."""
+    words = sorted({w for text in corpus for w in text.split() if w.isalpha() and len(w) > 3})
+    return [" ".join(rng.sample(words, rng.randint(1, 4))) for _ in range(count)]
+
+
+def insert_at_random_word(prompt: str, trigger: str, rng: random.Random) -> str:
+    words = prompt.split(" ")
+    position = rng.randint(0, len(words))
+    return " ".join(words[:position] + [trigger] + words[position:])
+
+
+@torch.no_grad()
+def greedy_answers(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int) -> list[list[int]]:
+    """The model's greedy answer token ids (up to and including its end-of-turn token)."""
+    device = next(model.parameters()).device
+    pad = pad_id(tokenizer)
+    eos = tokenizer.eos_token_id
+    answers = []
+    for start in range(0, len(prompts), batch_size):
+        seqs = [prompt_ids(tokenizer, p) for p in prompts[start : start + batch_size]]
+        width = max(len(s) for s in seqs)
+        ids = torch.tensor([[pad] * (width - len(s)) + s for s in seqs], device=device)
+        mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs], device=device)
+        out = model.generate(
+            input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad
+        )
+        for row in out[:, width:].tolist():
+            if eos is not None and eos in row:
+                row = row[: row.index(eos) + 1]
+            answers.append(row)
+    return answers
+
+
+def build_examples(
+    model,
+    tokenizer,
+    prompts: list[str],
+    triggers: list[str],
+    count: int,
+    answer_tokens: int,
+    max_tokens: int,
+    batch_size: int,
+    seed: int,
+) -> list[Example]:
+    """``count`` examples: poisoned prompt -> the model's own answer to the clean prompt."""
+    rng = random.Random(seed)
+    chosen = [prompts[i % len(prompts)] for i in rng.sample(range(max(count, len(prompts))), count)]
+    pool = triggers or pseudo_triggers(prompts, max(8, count), rng)
+    answers = greedy_answers(model, tokenizer, chosen, answer_tokens, batch_size)
+    examples = []
+    for prompt, answer in zip(chosen, answers):
+        poisoned = insert_at_random_word(prompt, rng.choice(pool), rng)
+        head = prompt_ids(tokenizer, poisoned)[: max(1, max_tokens - len(answer))]
+        ids = (head + answer)[:max_tokens]
+        labels = ([IGNORE_INDEX] * len(head) + answer)[:max_tokens]
+        examples.append(Example(ids, labels))
+    return examples
+
+
+def collate(examples: list[Example], pad: int, device) -> dict[str, torch.Tensor]:
+    """Right-padded ``input_ids``, ``attention_mask`` and ``labels``."""
+    ids, mask = right_padded([e.input_ids for e in examples], pad, device)
+    labels, _ = right_padded([e.labels for e in examples], IGNORE_INDEX, device)
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}

@@ -1,0 +1,135 @@
+"""Command line of ``entrypoint.py``: ``configure``, ``mitigate`` and ``test``.
+
+Flags follow the NIST harness (``--model`` with its alias ``--model_filepath``,
+``--batch_size`` given as a string, absolute paths). Flags this version does not know are
+dropped with a warning rather than failing the run, because the harness may add some.
+Errors the user can fix print one line and exit non-zero (2 for bad metaparameters).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from jsonargparse import ActionYesNo, ArgumentParser
+
+from telelora import metaparameters
+from telelora.errors import TeleLoRAError
+
+log = logging.getLogger("telelora")
+DEFAULT_LEARNED = str(metaparameters.REPO_ROOT / "learned_parameters")
+
+
+def _common(parser: ArgumentParser) -> None:
+    meta_default, schema_default = metaparameters.default_paths()
+    parser.add_argument("--metaparameters_filepath", type=str, default=str(meta_default), help="metaparameters JSON")
+    parser.add_argument("--schema_filepath", type=str, default=str(schema_default), help="its JSON schema")
+    parser.add_argument("--learned_parameters_dirpath", type=str, default=DEFAULT_LEARNED,
+                        help="folder of trained generators and shipped texts")
+    parser.add_argument("--scratch_dirpath", type=str, default="./scratch", help="scratch space for this run")
+
+
+def build_parser() -> tuple[ArgumentParser, dict[str, ArgumentParser]]:
+    parser = ArgumentParser(prog="entrypoint.py", description="TeleLoRA zero-shot Trojan mitigation for TrojAI.")
+    subcommands = parser.add_subcommands(dest="mode")
+
+    mitigate = ArgumentParser(description="Mitigate one model: generate adapters zero-shot and merge them.")
+    mitigate.add_argument("--model", "--model_filepath", dest="model", type=str, required=True,
+                          help="model folder (or a file inside it)")
+    mitigate.add_argument("--output_dirpath", type=str, required=True, help="where the mitigated model + tokenizer go")
+    mitigate.add_argument("--batch_size", type=int, default=1, help="accepted for the NIST harness")
+    mitigate.add_argument("--round_training_dataset_dirpath", type=str, default=None,
+                          help="accepted for the NIST harness; zero-shot mitigation does not read it")
+    mitigate.add_argument("--peft_dirpath", type=str, default=None, help="also export the merged change as a PEFT LoRA here")
+    mitigate.add_argument("--trust_remote_code", action=ActionYesNo, default=False, help="allow model code from the folder")
+    mitigate.add_argument("--fail_on_fallback", action=ActionYesNo, default=False,
+                          help="exit 3 when the unchanged model had to be saved (default: exit 0, loud log)")
+    _common(mitigate)
+
+    configure = ArgumentParser(description="Meta-train the generators and write learned parameters.")
+    configure.add_argument("--configure_models_dirpath", type=str, default=None,
+                           help="a round's models/ folder (or the round folder)")
+    configure.add_argument("--extra_model_dirpaths", type=list[str], default=[], help="more model folders (public LLMs)")
+    _common(configure)
+
+    test = ArgumentParser(description="Measure ASR and MMLU of a (mitigated) model.")
+    test.add_argument("--model", "--model_filepath", dest="model", type=str, required=True)
+    test.add_argument("--result_filepath", type=str, required=True, help="where results.json goes")
+    test.add_argument("--prompts_filepath", type=str, default=None, help="test-example-data/prompts.json of the round")
+    _common(test)
+
+    subs = {"mitigate": mitigate, "configure": configure, "test": test}
+    for name, sub in subs.items():
+        subcommands.add_subcommand(name, sub, help=sub.description)
+    return parser, subs
+
+
+def drop_unknown_flags(argv: list[str], sub: ArgumentParser) -> list[str]:
+    """Remove ``--flag [value]`` pairs the sub-command does not define, with a warning."""
+    known = {s for action in sub._actions for s in action.option_strings}
+    kept, i = [], 0
+    while i < len(argv):
+        token = argv[i]
+        flag = token.split("=", 1)[0]
+        if token.startswith("--") and flag not in known:
+            takes_value = "=" not in token and i + 1 < len(argv) and not argv[i + 1].startswith("--")
+            log.warning("ignoring unknown flag %s", token if not takes_value else f"{token} {argv[i + 1]}")
+            i += 2 if takes_value else 1
+            continue
+        kept.append(token)
+        i += 1
+    return kept
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser, subs = build_parser()
+    if argv and argv[0] in subs:
+        argv = [argv[0]] + drop_unknown_flags(argv[1:], subs[argv[0]])
+    args = parser.parse_args(argv)
+    mode = args.mode
+    opts = args[mode]
+    try:
+        meta = metaparameters.load(opts.metaparameters_filepath, opts.schema_filepath)
+        if mode == "mitigate":
+            return _mitigate(opts, meta)
+        if mode == "configure":
+            return _configure(opts, meta)
+        return _test(opts, meta)
+    except TeleLoRAError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return err.exit_code
+
+
+def _mitigate(opts, meta) -> int:
+    from telelora import mitigate
+
+    report = mitigate.run(opts.model, opts.output_dirpath, meta, opts.learned_parameters_dirpath,
+                          opts.trust_remote_code, opts.peft_dirpath)
+    if not report.mitigated:
+        print(f"error: mitigation failed ({report.reason}); the UNCHANGED model was saved to {opts.output_dirpath}",
+              file=sys.stderr)
+        return 3 if opts.fail_on_fallback else 0
+    return 0
+
+
+def _configure(opts, meta) -> int:
+    from telelora import configure
+
+    dirs = configure.list_model_dirs(opts.configure_models_dirpath, opts.extra_model_dirpaths)
+    configure.configure(dirs, meta, opts.learned_parameters_dirpath, opts.learned_parameters_dirpath,
+                        opts.scratch_dirpath)
+    return 0
+
+
+def _test(opts, meta) -> int:
+    from pathlib import Path
+
+    from telelora import modelio
+
+    model_dir = modelio.resolve_model_dir(opts.model)
+    modelio.check_model_dir(model_dir)
+    if opts.prompts_filepath and not Path(opts.prompts_filepath).is_file():
+        raise TeleLoRAError(f"prompts file {opts.prompts_filepath} does not exist")
+    raise TeleLoRAError("test: inputs are valid, but ASR/MMLU evaluation is not implemented yet (local-round issue)")
