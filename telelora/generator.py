@@ -34,7 +34,7 @@ class AdapterGenerator(nn.Module):
             self.net.output_layer.fan_out.bias[1].zero_()
 
     def forward(self, activations: torch.Tensor, depth: float, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-        x = activations.float()
+        x = activations.to(self.net.input_layer.fan_in.weight.dtype)  # float32 unless the caller casts
         n, h = x.shape
         if rank > n:
             raise ValueError(f"rank {rank} exceeds the number of reference samples {n}")

