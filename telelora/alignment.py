@@ -85,7 +85,7 @@ def build_examples(
     pool = triggers or pseudo_triggers(prompts, max(8, count), rng)
     answers = greedy_answers(model, tokenizer, chosen, answer_tokens, batch_size)
     examples = []
-    for prompt, answer in zip(chosen, answers):
+    for prompt, answer in zip(chosen, answers, strict=True):
         poisoned = insert_at_random_word(prompt, rng.choice(pool), rng)
         head = prompt_ids(tokenizer, poisoned)[: max(1, max_tokens - len(answer))]
         ids = (head + answer)[:max_tokens]

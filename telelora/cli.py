@@ -24,8 +24,12 @@ def _common(parser: ArgumentParser) -> None:
     meta_default, schema_default = metaparameters.default_paths()
     parser.add_argument("--metaparameters_filepath", type=str, default=str(meta_default), help="metaparameters JSON")
     parser.add_argument("--schema_filepath", type=str, default=str(schema_default), help="its JSON schema")
-    parser.add_argument("--learned_parameters_dirpath", type=str, default=DEFAULT_LEARNED,
-                        help="folder of trained generators and shipped texts")
+    parser.add_argument(
+        "--learned_parameters_dirpath",
+        type=str,
+        default=DEFAULT_LEARNED,
+        help="folder of trained generators and shipped texts",
+    )
     parser.add_argument("--scratch_dirpath", type=str, default="./scratch", help="scratch space for this run")
 
 
@@ -34,22 +38,38 @@ def build_parser() -> tuple[ArgumentParser, dict[str, ArgumentParser]]:
     subcommands = parser.add_subcommands(dest="mode")
 
     mitigate = ArgumentParser(description="Mitigate one model: generate adapters zero-shot and merge them.")
-    mitigate.add_argument("--model", "--model_filepath", dest="model", type=str, required=True,
-                          help="model folder (or a file inside it)")
+    mitigate.add_argument(
+        "--model", "--model_filepath", dest="model", type=str, required=True, help="model folder (or a file inside it)"
+    )
     mitigate.add_argument("--output_dirpath", type=str, required=True, help="where the mitigated model + tokenizer go")
     mitigate.add_argument("--batch_size", type=int, default=1, help="accepted for the NIST harness")
-    mitigate.add_argument("--round_training_dataset_dirpath", type=str, default=None,
-                          help="accepted for the NIST harness; zero-shot mitigation does not read it")
-    mitigate.add_argument("--peft_dirpath", type=str, default=None, help="also export the merged change as a PEFT LoRA here")
-    mitigate.add_argument("--trust_remote_code", action=ActionYesNo, default=False, help="allow model code from the folder")
-    mitigate.add_argument("--fail_on_fallback", action=ActionYesNo, default=False,
-                          help="exit 3 when the unchanged model had to be saved (default: exit 0, loud log)")
+    mitigate.add_argument(
+        "--round_training_dataset_dirpath",
+        type=str,
+        default=None,
+        help="accepted for the NIST harness; zero-shot mitigation does not read it",
+    )
+    mitigate.add_argument(
+        "--peft_dirpath", type=str, default=None, help="also export the merged change as a PEFT LoRA here"
+    )
+    mitigate.add_argument(
+        "--trust_remote_code", action=ActionYesNo, default=False, help="allow model code from the folder"
+    )
+    mitigate.add_argument(
+        "--fail_on_fallback",
+        action=ActionYesNo,
+        default=False,
+        help="exit 3 when the unchanged model had to be saved (default: exit 0, loud log)",
+    )
     _common(mitigate)
 
     configure = ArgumentParser(description="Meta-train the generators and write learned parameters.")
-    configure.add_argument("--configure_models_dirpath", type=str, default=None,
-                           help="a round's models/ folder (or the round folder)")
-    configure.add_argument("--extra_model_dirpaths", type=list[str], default=[], help="more model folders (public LLMs)")
+    configure.add_argument(
+        "--configure_models_dirpath", type=str, default=None, help="a round's models/ folder (or the round folder)"
+    )
+    configure.add_argument(
+        "--extra_model_dirpaths", type=list[str], default=[], help="more model folders (public LLMs)"
+    )
     _common(configure)
 
     test = ArgumentParser(description="Measure ASR and MMLU of a (mitigated) model.")
@@ -98,18 +118,26 @@ def main(argv: list[str] | None = None) -> int:
             return _configure(opts, meta)
         return _test(opts, meta)
     except TeleLoRAError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print("error: " + " ".join(str(err).split()), file=sys.stderr)  # always one line
         return err.exit_code
 
 
 def _mitigate(opts, meta) -> int:
     from telelora import mitigate
 
-    report = mitigate.run(opts.model, opts.output_dirpath, meta, opts.learned_parameters_dirpath,
-                          opts.trust_remote_code, opts.peft_dirpath)
+    report = mitigate.run(
+        opts.model,
+        opts.output_dirpath,
+        meta,
+        opts.learned_parameters_dirpath,
+        opts.trust_remote_code,
+        opts.peft_dirpath,
+    )
     if not report.mitigated:
-        print(f"error: mitigation failed ({report.reason}); the UNCHANGED model was saved to {opts.output_dirpath}",
-              file=sys.stderr)
+        print(
+            f"error: mitigation failed ({report.reason}); the UNCHANGED model was saved to {opts.output_dirpath}",
+            file=sys.stderr,
+        )
         return 3 if opts.fail_on_fallback else 0
     return 0
 
@@ -118,8 +146,9 @@ def _configure(opts, meta) -> int:
     from telelora import configure
 
     dirs = configure.list_model_dirs(opts.configure_models_dirpath, opts.extra_model_dirpaths)
-    configure.configure(dirs, meta, opts.learned_parameters_dirpath, opts.learned_parameters_dirpath,
-                        opts.scratch_dirpath)
+    configure.configure(
+        dirs, meta, opts.learned_parameters_dirpath, opts.learned_parameters_dirpath, opts.scratch_dirpath
+    )
     return 0
 
 

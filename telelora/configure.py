@@ -17,6 +17,7 @@ import dataclasses
 import datetime
 import json
 import logging
+import math
 import random
 from pathlib import Path
 
@@ -74,13 +75,26 @@ def prepare(model_dir: Path, meta: Metaparameters, texts, seed: int) -> Training
     model = modelio.load_model(model_dir, device, dtype)
     layers = find_adapted_layers(model, meta.target_projections)
     acts = activations.collect(
-        model, tokenizer, layers, texts.reference[: meta.num_reference_texts], meta.activation_tokens,
-        meta.activation_batch_size, meta.max_tokens, seed,
+        model,
+        tokenizer,
+        layers,
+        texts.reference[: meta.num_reference_texts],
+        meta.activation_tokens,
+        meta.activation_batch_size,
+        meta.max_tokens,
+        seed,
     )
     triggers = alignment.declared_triggers(model_dir)
     examples = alignment.build_examples(
-        model, tokenizer, texts.alignment, triggers, meta.alignment_examples_per_model, meta.answer_tokens,
-        meta.max_tokens, meta.activation_batch_size, seed,
+        model,
+        tokenizer,
+        texts.alignment,
+        triggers,
+        meta.alignment_examples_per_model,
+        meta.answer_tokens,
+        meta.max_tokens,
+        meta.activation_batch_size,
+        seed,
     )
     model.to("cpu")
     return TrainingModel(model_dir, model, tokenizer, layers, {k: v.cpu() for k, v in acts.items()}, examples, triggers)
@@ -161,11 +175,17 @@ def configure(
             current = item
         batch = rng.sample(item.examples, min(meta.train_batch_size, len(item.examples)))
         optimizer.zero_grad(set_to_none=True)
-        losses.append(train_step(bank, item, batch, meta, device))
-        torch.nn.utils.clip_grad_norm_(bank.parameters(), 1.0)
+        loss = train_step(bank, item, batch, meta, device)
+        grad_norm = torch.nn.utils.clip_grad_norm_(bank.parameters(), 1.0)
+        if not (math.isfinite(loss) and torch.isfinite(grad_norm)):
+            log.warning("non-finite loss or gradient on %s; skipping this update", item.model_dir.name)
+            continue
         optimizer.step()
-        progress.set_postfix(loss=f"{losses[-1]:.4f}", model=item.model_dir.name)
+        losses.append(loss)
+        progress.set_postfix(loss=f"{loss:.4f}", model=item.model_dir.name)
 
+    if not losses:
+        raise TeleLoRAError("every meta-training update was non-finite; lower learning_rate")
     Path(scratch_dir).mkdir(parents=True, exist_ok=True)
     (Path(scratch_dir) / "configure_losses.json").write_text(json.dumps(losses))
     tail = losses[-10:]

@@ -47,8 +47,9 @@ class AdapterGenerator(nn.Module):
         u0, v0 = out[..., 0], out[..., 1]
         strength = u0.norm(dim=-1) * v0.norm(dim=-1)
         rows = strength.topk(rank).indices
-        # unit-norm-sized rows (entries ~ 1/sqrt(H)) keep V^T U O(1) for every width
-        scale = h**-0.5
+        # rows of norm ~ 1/sqrt(r): the sum of r rank-one terms V^T U stays O(1) for every
+        # width and rank, so a small step of the generator is a small change of the LLM
+        scale = (h * rank) ** -0.5
         return u0[rows] * scale, v0[rows] * scale
 
 

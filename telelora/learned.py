@@ -1,8 +1,8 @@
 """``learned_parameters/``: generator weights, their config and provenance, and the texts.
 
-    generators.safetensors   one EinNet per projection type
-    generators.json          architecture config + provenance (data, steps, loss, date, metaparameters)
-    texts.json               reference texts and alignment prompts (see telelora.texts)
+generators.safetensors   one EinNet per projection type
+generators.json          architecture config + provenance (data, steps, loss, date, metaparameters)
+texts.json               reference texts and alignment prompts (see telelora.texts)
 """
 
 from __future__ import annotations
@@ -44,8 +44,9 @@ def load_bank(learned_dir: str | Path, meta: Metaparameters) -> tuple[GeneratorB
             f"{info_path}: generators were trained with {trained} but the metaparameters ask for {wanted}; "
             "use matching metaparameters or run configure again"
         )
-    bank = GeneratorBank(config["generator_hidden"], config["generator_stacks"], config["use_depth_channel"],
-                         config["projection_types"])
+    bank = GeneratorBank(
+        config["generator_hidden"], config["generator_stacks"], config["use_depth_channel"], config["projection_types"]
+    )
     try:
         bank.load_state_dict(load_file(str(weights)))
     except Exception as err:
@@ -72,4 +73,3 @@ def write(bank: GeneratorBank, provenance: dict, texts_source_dir: str | Path, o
 
 def count_parameters(bank: GeneratorBank) -> int:
     return sum(p.numel() for p in bank.parameters())
-

@@ -69,7 +69,9 @@ def mitigate_model(model, tokenizer, bank: GeneratorBank, texts: list[str], meta
     for layer in layers:
         if not torch.isfinite(layer.module.weight).all():
             raise FloatingPointError(f"merged weight of {layer.name} is not finite")
-    log.info("merged %d adapters over %d step(s) into %d layers", len(delta.factors), meta.mitigation_steps, len(layers))
+    log.info(
+        "merged %d adapters over %d step(s) into %d layers", len(delta.factors), meta.mitigation_steps, len(layers)
+    )
     return delta
 
 

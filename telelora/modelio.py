@@ -20,6 +20,7 @@ from telelora.errors import TeleLoRAError
 from telelora.io_utils import publish_dir, staging_dir
 
 log = logging.getLogger(__name__)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
 
 def resolve_model_dir(path: str | Path) -> Path:
@@ -68,7 +69,9 @@ def check_model_dir(model_dir: Path) -> dict:
             with safe_open(str(file), framework="pt") as f:
                 f.keys()
         except Exception as err:  # safetensors raises its own error types for bad headers
-            raise TeleLoRAError(f"{file} is not a readable safetensors file ({err}); the model folder is corrupt") from err
+            raise TeleLoRAError(
+                f"{file} is not a readable safetensors file ({err}); the model folder is corrupt"
+            ) from err
     return config
 
 
@@ -95,6 +98,10 @@ def pick_device_dtype(dtype: str = "auto") -> tuple[torch.device, torch.dtype]:
 def load_tokenizer(model_dir: Path, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
+    if not any((model_dir / name).is_file() for name in TOKENIZER_FILES):
+        raise TeleLoRAError(
+            f"{model_dir} has no tokenizer ({' or '.join(TOKENIZER_FILES)}); save the tokenizer with the model"
+        )
     try:
         return AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
     except Exception as err:
@@ -126,7 +133,9 @@ def check_output_dir(output_dir: Path) -> None:
     try:
         staging_dir(output_dir).rmdir()
     except OSError as err:
-        raise TeleLoRAError(f"output folder {output_dir} cannot be written ({err}); pass a writable --output_dirpath") from err
+        raise TeleLoRAError(
+            f"output folder {output_dir} cannot be written ({err}); pass a writable --output_dirpath"
+        ) from err
 
 
 def save_model(model, tokenizer, output_dir: Path, extra_files: dict[str, str] | None = None) -> None:

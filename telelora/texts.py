@@ -82,7 +82,9 @@ def load(learned_parameters_dir: str | Path) -> Texts:
         alignment = [r["text"] for r in payload["alignment"]]
         rows = [r["mmlu_row"] for r in payload["reference"] + payload["alignment"]]
     except (OSError, ValueError, KeyError, TypeError) as err:
-        raise TeleLoRAError(f"{path} is missing or malformed ({err}); rebuild it with python -m telelora.texts") from err
+        raise TeleLoRAError(
+            f"{path} is missing or malformed ({err}); rebuild it with python -m telelora.texts"
+        ) from err
     return Texts(reference, alignment, rows)
 
 

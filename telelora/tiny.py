@@ -6,6 +6,7 @@ a NIST model folder (``config.json``, safetensors, tokenizer, ``round_config.jso
 copy ``reduced-config.json``). Their weights are random, so what they say is noise.
 
     python -m telelora.tiny --arch llama --out /tmp/tiny-llama
+    python -m telelora.tiny --arch all --out /tmp/tiny-models    # one sub-folder per architecture
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from telelora.metaparameters import REPO_ROOT
 from telelora.texts import load as load_texts
 
 CHATML_TEMPLATE = (
-    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 SPECIAL_TOKENS = ["<pad>", "<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -98,11 +100,15 @@ def build(arch: str, out_dir: str | Path, seed: int = 0, poisoned: bool = False)
 
 def main() -> None:
     parser = argparse.ArgumentParser(description="Build a tiny random HF model folder.")
-    parser.add_argument("--arch", default="llama", choices=ARCHITECTURES + ("gpt2",))
-    parser.add_argument("--out", required=True)
+    parser.add_argument("--arch", default="llama", choices=ARCHITECTURES + ("gpt2", "all"))
+    parser.add_argument("--out", required=True, help="model folder (with --arch all: the parent folder)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    print(build(args.arch, args.out, args.seed))
+    if args.arch == "all":
+        for offset, arch in enumerate(ARCHITECTURES):
+            print(build(arch, Path(args.out) / arch, args.seed + offset))
+    else:
+        print(build(args.arch, args.out, args.seed))
 
 
 if __name__ == "__main__":

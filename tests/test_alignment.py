@@ -45,7 +45,7 @@ def test_examples_put_the_clean_answer_after_the_poisoned_prompt(tiny_models):
     batched = alignment.greedy_answers(model, tok, prompts, 5, 3)
     assert clean == batched
     ids = torch.tensor([prompt_ids(tok, prompts[0])])
-    greedy = model.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0)[0, ids.shape[1]:].tolist()
+    greedy = model.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0)[0, ids.shape[1] :].tolist()
     assert clean[0] == greedy[: len(clean[0])]
 
 

@@ -22,8 +22,9 @@ def test_three_phase_gradient_equals_end_to_end_autograd(tiny_models, small_meta
 
     bank.zero_grad()
     adapters = {
-        layer.name: Adapter(*bank(layer.projection_type, item.reference_activations[layer.name], layer.depth,
-                                  small_meta.rank))
+        layer.name: Adapter(
+            *bank(layer.projection_type, item.reference_activations[layer.name], layer.depth, small_meta.rank)
+        )
         for layer in item.layers
     }
     inputs = configure.alignment.collate(batch, configure.pad_id(item.tokenizer), torch.device("cpu"))
@@ -42,9 +43,17 @@ def _run_configure(tmp_path, models_dir, extra=(), **meta_overrides):
     out = tmp_path / "learned"
     out.mkdir(exist_ok=True)
     (out / "texts.json").write_bytes((REPO / "learned_parameters" / "texts.json").read_bytes())
-    argv = ["configure", "--metaparameters_filepath", str(meta), "--schema_filepath",
-            str(REPO / "metaparameters_schema.json"), "--learned_parameters_dirpath", str(out),
-            "--scratch_dirpath", str(tmp_path / "scratch")]
+    argv = [
+        "configure",
+        "--metaparameters_filepath",
+        str(meta),
+        "--schema_filepath",
+        str(REPO / "metaparameters_schema.json"),
+        "--learned_parameters_dirpath",
+        str(out),
+        "--scratch_dirpath",
+        str(tmp_path / "scratch"),
+    ]
     if models_dir is not None:
         argv += ["--configure_models_dirpath", str(models_dir)]
     if extra:

@@ -18,8 +18,15 @@ def test_shipped_metaparameters_validate():
 
 def test_schema_has_the_nist_header_and_bounds():
     schema = json.loads(SCHEMA.read_text())
-    for key in ("title", "technique", "technique_description", "technique_changes", "technique_type",
-                "commit_id", "repo_name"):
+    for key in (
+        "title",
+        "technique",
+        "technique_description",
+        "technique_changes",
+        "technique_type",
+        "commit_id",
+        "repo_name",
+    ):
         assert key in schema
     assert schema["$schema"].startswith("http://json-schema.org/draft-07")
     assert schema["additionalProperties"] is False

