@@ -81,7 +81,7 @@ class MitigationReport:
     reason: str
     model_architecture: str | None
     num_layers_adapted: int
-    seconds: float
+    seconds: dict[str, float]  # load, mitigate, save
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2)
@@ -96,7 +96,14 @@ def run(
     peft_dir: str | Path | None = None,
 ) -> MitigationReport:
     """The ``mitigate`` job. Raises :class:`TeleLoRAError` only before the model has loaded."""
-    start = time.time()
+    clock = time.time()
+    seconds: dict[str, float] = {}
+
+    def lap(name: str) -> None:
+        nonlocal clock
+        seconds[name] = round(time.time() - clock, 3)
+        clock = time.time()
+
     model_dir = modelio.resolve_model_dir(model_dir)
     output_dir = Path(output_dir)
     modelio.check_model_dir(model_dir)
@@ -106,24 +113,35 @@ def run(
     tokenizer = modelio.load_tokenizer(model_dir, trust_remote_code)
     model = modelio.load_model(model_dir, device, dtype, trust_remote_code)
     log.info("loaded %s (%s) on %s in %s", model_dir, architecture or type(model).__name__, device, dtype)
+    lap("load")
 
     torch.manual_seed(meta.seed)
+    delta, failure = None, None
     try:
         bank, _ = load_bank(learned_dir, meta)
         bank.to(device)
         texts = load_texts(learned_dir).reference
         delta = mitigate_model(model, tokenizer, bank, texts, meta)
-        report = MitigationReport(True, "mitigated", architecture, len(delta.factors), 0.0)
     except Exception as err:  # any failure after loading: keep the unchanged model
-        log.error("MITIGATION FAILED, SAVING THE UNCHANGED MODEL: %s: %s", type(err).__name__, err)
+        failure = f"{type(err).__name__}: {err}"
+        log.error("MITIGATION FAILED, SAVING THE UNCHANGED MODEL: %s", failure)
+    if failure is not None:  # outside the except block, so the traceback no longer pins memory
         del model
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
         model = modelio.load_model(model_dir, device, dtype, trust_remote_code)
-        delta = None
-        report = MitigationReport(False, f"{type(err).__name__}: {err}", architecture, 0, 0.0)
+    lap("mitigate")
 
-    report.seconds = round(time.time() - start, 3)
+    report = MitigationReport(
+        mitigated=failure is None,
+        reason=failure or "mitigated",
+        model_architecture=architecture,
+        num_layers_adapted=0 if delta is None else len(delta.factors),
+        seconds=seconds,
+    )
     modelio.save_model(model, tokenizer, output_dir, extra_files={REPORT_FILE: report.to_json()})
     if delta is not None and peft_dir is not None:
         export_peft(delta, peft_dir, base_model_name=str(model_dir))
-    log.info("wrote %s in %.1f s (mitigated: %s)", output_dir, report.seconds, report.mitigated)
+    lap("save")
+    log.info("wrote %s (mitigated: %s; seconds %s)", output_dir, report.mitigated, seconds)
     return report

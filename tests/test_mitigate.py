@@ -221,3 +221,13 @@ def test_entrypoint_script_runs_as_the_harness_calls_it(tmp_path, model_copy, me
     )
     assert result.returncode == 0, result.stderr
     assert (model_dir / "output" / "model.safetensors").is_file()
+
+
+def test_shipped_learned_parameters_change_a_tiny_model(tmp_path, model_copy):
+    """The shipped generators and metaparameters work together and are not the identity."""
+    model_dir = model_copy("gemma2")
+    assert cli.main(["mitigate", "--model", str(model_dir), "--output_dirpath", str(tmp_path / "out")]) == 0
+    report = json.loads((tmp_path / "out" / mitigate.REPORT_FILE).read_text())
+    assert report["mitigated"] and set(report["seconds"]) == {"load", "mitigate"}
+    original, mitigated = (AutoModelForCausalLM.from_pretrained(p) for p in (model_dir, tmp_path / "out"))
+    assert (original(IDS).logits - mitigated(IDS).logits).abs().max() > 1e-4
