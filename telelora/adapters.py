@@ -5,17 +5,16 @@ For ``y = W x + b`` an adapter ``(U, V)``, both r x in_features, gives
     y = W (I + s V^T U) x + b = W (x + s V^T (U x)) + b
 
 with step size ``s``. It acts on the layer's *input*, so a hook rewrites ``x`` and ``W`` is
-never copied. Merging gives ``W' = W + s (W V^T) U``: an additive LoRA with ``A = U`` and
-``B = s W V^T`` at scaling 1, which is how it is exported to PEFT. K composed steps
-``W_k = W_{k-1} (I + s V_k^T U_k)`` are one LoRA of rank K r: ``A = [U_1; ...; U_K]``,
-``B = [s W_0 V_1^T, ..., s W_{K-1} V_K^T]``.
+never copied (that is how meta-training runs it). Merged, ``W' = W + s (W V^T) U``: an
+additive LoRA with ``A = U`` and ``B = s W V^T`` at scaling 1, which is how it is exported to
+PEFT. K composed steps ``W_k = W_{k-1} (I + s V_k^T U_k)`` are one LoRA of rank K r:
+``A = [U_1; ...; U_K]``, ``B = [s W_0 V_1^T, ..., s W_{K-1} V_K^T]`` (see :class:`LowRankDelta`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,7 +22,7 @@ import torch
 from safetensors.torch import save_file
 
 from telelora.architectures import AdaptedLayer
-from telelora.io_utils import publish_dir, staging_dir
+from telelora.io_utils import staged_dir
 
 
 @dataclasses.dataclass
@@ -61,43 +60,75 @@ def applied(layers: list[AdaptedLayer], adapters: dict[str, Adapter], step_size:
             handle.remove()
 
 
-class PeftDelta:
-    """Collects the additive LoRA factors of every merged step, for PEFT export."""
+class LowRankDelta:
+    """The accumulated change of every layer, ``W = W0 + B A``, kept in float32.
+
+    Composing K multiplicative steps only needs ``W0`` and the factors so far:
+    ``B_k = s W_{k-1} V_k^T = s (W0 V_k^T + B (A V_k^T))``. The weights themselves are written
+    once, by :meth:`merge`, so a bf16 model rounds the change once rather than K times.
+    """
 
     def __init__(self) -> None:
-        self.factors: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        self.factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # name -> (A: R x in, B: out x R)
 
-    def add(self, name: str, a: torch.Tensor, b: torch.Tensor) -> None:
-        self.factors.setdefault(name, []).append((a.detach().float().cpu(), b.detach().float().cpu()))
+    def __len__(self) -> int:
+        return len(self.factors)
+
+    @torch.no_grad()
+    def add_step(self, layers: list[AdaptedLayer], adapters: dict[str, Adapter], step_size: float) -> None:
+        """Compose ``W <- W (I + s V^T U)`` onto the current change of each adapted layer."""
+        for layer in layers:
+            adapter = adapters.get(layer.name)
+            if adapter is None:
+                continue
+            weight = layer.module.weight
+            u = adapter.u.to(device=weight.device, dtype=torch.float32)
+            v = adapter.v.to(device=weight.device, dtype=torch.float32)
+            b = weight.float() @ v.T
+            if layer.name in self.factors:
+                a_prev, b_prev = self.factors[layer.name]
+                b = b + b_prev @ (a_prev @ v.T)
+                self.factors[layer.name] = (torch.cat([a_prev, u]), torch.cat([b_prev, step_size * b], dim=1))
+            else:
+                self.factors[layer.name] = (u, step_size * b)
+
+    @contextlib.contextmanager
+    def applied(self, layers: list[AdaptedLayer]) -> Iterator[None]:
+        """Run the model as if merged (``y += B (A x)``) without touching its weights."""
+
+        def make_hook(a: torch.Tensor, b: torch.Tensor):
+            def hook(module, args, output):
+                x = args[0]
+                return output + ((x.float() @ a.T) @ b.T).to(output.dtype)
+
+            return hook
+
+        handles = [
+            layer.module.register_forward_hook(make_hook(*self.factors[layer.name]))
+            for layer in layers
+            if layer.name in self.factors
+        ]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    @torch.no_grad()
+    def merge(self, layers: list[AdaptedLayer]) -> None:
+        """Write ``W0 + B A`` (computed in float32) into the weights, once."""
+        for layer in layers:
+            if layer.name in self.factors:
+                a, b = self.factors[layer.name]
+                weight = layer.module.weight
+                weight.copy_((weight.float() + b @ a).to(weight.dtype))
 
     def stacked(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """Per layer, ``A`` (R x in) and ``B`` (out x R) with all steps concatenated."""
-        return {
-            name: (torch.cat([a for a, _ in fs], dim=0), torch.cat([b for _, b in fs], dim=1))
-            for name, fs in self.factors.items()
-        }
+        """Per layer, ``A`` (R x in) and ``B`` (out x R) on the CPU, for export."""
+        return {name: (a.detach().cpu(), b.detach().cpu()) for name, (a, b) in self.factors.items()}
 
 
-@torch.no_grad()
-def merge(
-    layers: list[AdaptedLayer], adapters: dict[str, Adapter], step_size: float, delta: PeftDelta | None = None
-) -> None:
-    """``W <- W (I + s V^T U)`` in place (computed in float32), recording the LoRA factors."""
-    for layer in layers:
-        adapter = adapters.get(layer.name)
-        if adapter is None:
-            continue
-        weight = layer.module.weight
-        w32 = weight.float()
-        u = adapter.u.to(device=weight.device, dtype=torch.float32)
-        v = adapter.v.to(device=weight.device, dtype=torch.float32)
-        b = step_size * (w32 @ v.T)
-        weight.copy_((w32 + b @ u).to(weight.dtype))
-        if delta is not None:
-            delta.add(layer.name, u, b)
-
-
-def export_peft(delta: PeftDelta, out_dir: str | Path, base_model_name: str | None = None) -> Path:
+def export_peft(delta: LowRankDelta, out_dir: str | Path, base_model_name: str | None = None) -> Path:
     """Write ``adapter_model.safetensors`` + ``adapter_config.json`` that PEFT loads as a LoRA.
 
     All layers get the same rank (the largest; shorter factors are zero-padded) so the config
@@ -126,13 +157,7 @@ def export_peft(delta: PeftDelta, out_dir: str | Path, base_model_name: str | No
         base_model_name_or_path=base_model_name,
         inference_mode=True,
     )
-    out = Path(out_dir)
-    staging = staging_dir(out)
-    try:
+    with staged_dir(out_dir) as staging:
         save_file(tensors, str(staging / "adapter_model.safetensors"), metadata={"format": "pt"})
         config.save_pretrained(str(staging))
-        publish_dir(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return out
+    return Path(out_dir)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 
@@ -55,8 +57,24 @@ def publish_dir(staging: Path, final: str | Path) -> None:
         _replace_contents(staging, final)
         shutil.rmtree(staging, ignore_errors=True)
         return
-    os.replace(staging, final)
+    try:
+        os.replace(staging, final)
+    except OSError:
+        os.replace(backup, final)  # put the old folder back
+        raise
     shutil.rmtree(backup, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def staged_dir(final: str | Path) -> Iterator[Path]:
+    """Build a folder in a staging sibling and publish it to ``final`` only if the block succeeds."""
+    staging = staging_dir(final)
+    try:
+        yield staging
+        publish_dir(staging, final)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
 
 
 def _replace_contents(src: Path, dst: Path) -> None:

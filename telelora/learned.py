@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from telelora.errors import TeleLoRAError
 from telelora.generator import GeneratorBank
-from telelora.io_utils import publish_dir, staging_dir
+from telelora.io_utils import staged_dir
 from telelora.metaparameters import Metaparameters
 from telelora.texts import TEXTS_FILE
 
@@ -57,17 +57,12 @@ def load_bank(learned_dir: str | Path, meta: Metaparameters) -> tuple[GeneratorB
 
 def write(bank: GeneratorBank, provenance: dict, texts_source_dir: str | Path, out_dir: str | Path) -> Path:
     """Replace ``out_dir`` atomically with the generators, their provenance and the texts."""
-    staging = staging_dir(out_dir)
-    try:
+    with staged_dir(out_dir) as staging:
         state = {k: v.detach().float().cpu().contiguous() for k, v in bank.state_dict().items()}
         save_file(state, str(staging / WEIGHTS_FILE), metadata={"format": "pt"})
         info = {"config": bank.config, "provenance": provenance}
         (staging / INFO_FILE).write_text(json.dumps(info, indent=2))
         shutil.copyfile(Path(texts_source_dir) / TEXTS_FILE, staging / TEXTS_FILE)
-        publish_dir(staging, out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return Path(out_dir)
 
 

@@ -19,8 +19,9 @@ import torch
 from tqdm import tqdm
 
 from telelora import activations, modelio
-from telelora.adapters import Adapter, PeftDelta, export_peft, merge
+from telelora.adapters import Adapter, LowRankDelta, export_peft
 from telelora.architectures import AdaptedLayer, find_adapted_layers
+from telelora.errors import TeleLoRAError
 from telelora.generator import GeneratorBank
 from telelora.learned import load_bank
 from telelora.metaparameters import Metaparameters
@@ -56,22 +57,28 @@ def generate_adapters(
     return adapters
 
 
-def mitigate_model(model, tokenizer, bank: GeneratorBank, texts: list[str], meta: Metaparameters) -> PeftDelta:
-    """Merge K generated adapter steps into ``model`` in place; return the equivalent LoRA."""
+def mitigate_model(model, tokenizer, bank: GeneratorBank, texts: list[str], meta: Metaparameters) -> LowRankDelta:
+    """Merge K generated adapter steps into ``model`` in place; return the equivalent LoRA.
+
+    Steps after the first read the activations of the model as changed so far (applied by
+    hooks, in float32); the weights are written once at the end.
+    """
     layers = find_adapted_layers(model, meta.target_projections)
     texts = texts[: meta.num_reference_texts]
+    if len(texts) < meta.rank:
+        raise ValueError(f"rank {meta.rank} needs at least as many reference texts, but only {len(texts)} ship")
     if len(texts) < meta.num_reference_texts:
         log.warning("only %d reference texts ship; using all of them", len(texts))
-    delta = PeftDelta()
+    delta = LowRankDelta()
     for step in tqdm(range(meta.mitigation_steps), desc="mitigation steps", disable=meta.mitigation_steps == 1):
-        adapters = generate_adapters(bank, model, tokenizer, layers, texts, meta, seed=meta.seed + step)
-        merge(layers, adapters, meta.step_size, delta)
+        with delta.applied(layers):
+            adapters = generate_adapters(bank, model, tokenizer, layers, texts, meta, seed=meta.seed + step)
+        delta.add_step(layers, adapters, meta.step_size)
+    delta.merge(layers)
     for layer in layers:
         if not torch.isfinite(layer.module.weight).all():
             raise FloatingPointError(f"merged weight of {layer.name} is not finite")
-    log.info(
-        "merged %d adapters over %d step(s) into %d layers", len(delta.factors), meta.mitigation_steps, len(layers)
-    )
+    log.info("merged %d adapted layers over %d step(s)", len(delta), meta.mitigation_steps)
     return delta
 
 
@@ -81,7 +88,7 @@ class MitigationReport:
     reason: str
     model_architecture: str | None
     num_layers_adapted: int
-    seconds: dict[str, float]  # load, mitigate, save
+    seconds: dict[str, float]  # load and mitigate (the log line adds save)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2)
@@ -107,7 +114,12 @@ def run(
     model_dir = modelio.resolve_model_dir(model_dir)
     output_dir = Path(output_dir)
     modelio.check_model_dir(model_dir)
+    modelio.check_not_replacing(output_dir, model_dir, "--output_dirpath")
     modelio.check_output_dir(output_dir)
+    if peft_dir is not None:
+        for protected in (model_dir, output_dir):
+            modelio.check_not_replacing(Path(peft_dir), protected, "--peft_dirpath")
+        modelio.check_output_dir(Path(peft_dir))
     architecture = modelio.round_config(model_dir).get("model_architecture")
     device, dtype = modelio.pick_device_dtype(meta.dtype)
     tokenizer = modelio.load_tokenizer(model_dir, trust_remote_code)
@@ -125,23 +137,26 @@ def run(
     except Exception as err:  # any failure after loading: keep the unchanged model
         failure = f"{type(err).__name__}: {err}"
         log.error("MITIGATION FAILED, SAVING THE UNCHANGED MODEL: %s", failure)
-    if failure is not None:  # outside the except block, so the traceback no longer pins memory
-        del model
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-        model = modelio.load_model(model_dir, device, dtype, trust_remote_code)
     lap("mitigate")
 
     report = MitigationReport(
         mitigated=failure is None,
         reason=failure or "mitigated",
         model_architecture=architecture,
-        num_layers_adapted=0 if delta is None else len(delta.factors),
+        num_layers_adapted=0 if delta is None else len(delta),
         seconds=seconds,
     )
-    modelio.save_model(model, tokenizer, output_dir, extra_files={REPORT_FILE: report.to_json()})
-    if delta is not None and peft_dir is not None:
-        export_peft(delta, peft_dir, base_model_name=str(model_dir))
+    if failure is None:
+        modelio.save_model(model, tokenizer, output_dir, extra_files={REPORT_FILE: report.to_json()})
+    else:  # the input's own files: no reload, no second chance to run out of memory
+        del model
+        modelio.copy_model_files(model_dir, output_dir, extra_files={REPORT_FILE: report.to_json()})
     lap("save")
     log.info("wrote %s (mitigated: %s; seconds %s)", output_dir, report.mitigated, seconds)
+    if delta is not None and peft_dir is not None:
+        try:
+            export_peft(delta, peft_dir, base_model_name=str(model_dir))
+        except Exception as err:
+            message = f"the mitigated model is saved, but the PEFT export to {peft_dir} failed: {err}"
+            raise TeleLoRAError(message) from err
     return report

@@ -17,7 +17,7 @@ import torch
 from safetensors import safe_open
 
 from telelora.errors import TeleLoRAError
-from telelora.io_utils import publish_dir, staging_dir
+from telelora.io_utils import staged_dir, staging_dir
 
 log = logging.getLogger(__name__)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
@@ -138,15 +138,31 @@ def check_output_dir(output_dir: Path) -> None:
         ) from err
 
 
+def check_not_replacing(target: Path, protected: Path, flag: str) -> None:
+    """Refuse a ``target`` folder that is ``protected`` or one of its parents: publishing
+    ``target`` replaces it whole, which would delete ``protected``."""
+    target, protected = target.resolve(), protected.resolve()
+    if target == protected or target in protected.parents:
+        raise TeleLoRAError(
+            f"{flag} {target} would replace {protected}; pass a new folder (inside it is fine, as NIST does)"
+        )
+
+
+def copy_model_files(model_dir: Path, output_dir: Path, extra_files: dict[str, str] | None = None) -> None:
+    """Publish the input folder's own files, byte for byte (its sub-folders, such as an
+    output folder inside it, are left out): the surest "unchanged model" there is."""
+    with staged_dir(output_dir) as staging:
+        for path in model_dir.iterdir():
+            if path.is_file() and not path.name.startswith("."):
+                shutil.copyfile(path, staging / path.name)
+        for name, text in (extra_files or {}).items():
+            (staging / name).write_text(text)
+
+
 def save_model(model, tokenizer, output_dir: Path, extra_files: dict[str, str] | None = None) -> None:
     """``save_pretrained`` model + tokenizer into a staging folder, then publish it atomically."""
-    staging = staging_dir(output_dir)
-    try:
+    with staged_dir(output_dir) as staging:
         model.save_pretrained(str(staging), safe_serialization=True)
         tokenizer.save_pretrained(str(staging))
         for name, text in (extra_files or {}).items():
             (staging / name).write_text(text)
-        publish_dir(staging, output_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
