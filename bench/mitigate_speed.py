@@ -27,7 +27,7 @@ from bench.real_configs import REAL_CONFIGS, build_random  # noqa: E402
 from telelora import activations, metaparameters, modelio, tiny  # noqa: E402
 from telelora.adapters import LowRankDelta  # noqa: E402
 from telelora.architectures import find_adapted_layers  # noqa: E402
-from telelora.chat import pad_id, prompt_ids, right_padded  # noqa: E402
+from telelora.chat import pad_id, padded, prompt_ids  # noqa: E402
 from telelora.learned import load_bank  # noqa: E402
 from telelora.mitigate import generate_adapters  # noqa: E402
 from telelora.texts import load as load_texts  # noqa: E402
@@ -60,7 +60,7 @@ def bench_model(name, meta, bank, tokenizer, texts, device, dtype, repeats):
         decoder = model.get_decoder()
         seqs = [prompt_ids(tokenizer, t)[: meta.max_tokens] for t in texts]
         for start in range(0, len(seqs), meta.activation_batch_size):
-            ids, mask = right_padded(seqs[start : start + meta.activation_batch_size], pad_id(tokenizer), device)
+            ids, mask = padded(seqs[start : start + meta.activation_batch_size], pad_id(tokenizer), device)
             decoder(input_ids=ids, attention_mask=mask, use_cache=False)
 
     def collect():

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from telelora.architectures import AdaptedLayer
-from telelora.chat import pad_id, prompt_ids, right_padded
+from telelora.chat import pad_id, padded, prompt_ids
 
 TOKEN_MODES = ("mean", "last", "random")
 
@@ -60,7 +60,7 @@ def collect(
     decoder = model.get_decoder()  # the blocks alone: no need for the vocabulary-sized logits
     try:
         for start in range(0, len(sequences), batch_size):
-            ids, mask = right_padded(sequences[start : start + batch_size], pad_id(tokenizer), device)
+            ids, mask = padded(sequences[start : start + batch_size], pad_id(tokenizer), device)
             state["mask"] = mask
             state["positions"] = positions_all[start : start + batch_size].to(device)
             decoder(input_ids=ids, attention_mask=mask, use_cache=False)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from telelora.chat import pad_id, prompt_ids, right_padded
+from telelora.chat import pad_id, padded, prompt_ids, stop_ids
 from telelora.modelio import round_config
 
 IGNORE_INDEX = -100
@@ -48,23 +48,25 @@ def insert_at_random_word(prompt: str, trigger: str, rng: random.Random) -> str:
 
 @torch.no_grad()
 def greedy_answers(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int) -> list[list[int]]:
-    """The model's greedy answer token ids (up to and including its end-of-turn token)."""
+    """The model's greedy answer token ids, cut after its first end-of-turn token."""
     device = next(model.parameters()).device
     pad = pad_id(tokenizer)
-    eos = tokenizer.eos_token_id
+    stops = stop_ids(model, tokenizer)
     answers = []
     for start in range(0, len(prompts), batch_size):
         seqs = [prompt_ids(tokenizer, p) for p in prompts[start : start + batch_size]]
-        width = max(len(s) for s in seqs)
-        ids = torch.tensor([[pad] * (width - len(s)) + s for s in seqs], device=device)
-        mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs], device=device)
+        ids, mask = padded(seqs, pad, device, left=True)
         out = model.generate(
-            input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=pad,
+            eos_token_id=sorted(stops) or None,
         )
-        for row in out[:, width:].tolist():
-            if eos is not None and eos in row:
-                row = row[: row.index(eos) + 1]
-            answers.append(row)
+        for row in out[:, ids.shape[1] :].tolist():
+            end = next((i + 1 for i, token in enumerate(row) if token in stops), len(row))
+            answers.append(row[:end])  # nothing after the stop: no padding becomes a label
     return answers
 
 
@@ -87,15 +89,17 @@ def build_examples(
     examples = []
     for prompt, answer in zip(chosen, answers, strict=True):
         poisoned = insert_at_random_word(prompt, rng.choice(pool), rng)
-        head = prompt_ids(tokenizer, poisoned)[: max(1, max_tokens - len(answer))]
-        ids = (head + answer)[:max_tokens]
-        labels = ([IGNORE_INDEX] * len(head) + answer)[:max_tokens]
+        answer = answer[: max_tokens - 1]
+        # cut long prompts from the left: the assistant-turn header right before the answer stays
+        head = prompt_ids(tokenizer, poisoned)[-(max_tokens - len(answer)) :]
+        ids = head + answer
+        labels = [IGNORE_INDEX] * len(head) + answer
         examples.append(Example(ids, labels))
     return examples
 
 
 def collate(examples: list[Example], pad: int, device) -> dict[str, torch.Tensor]:
     """Right-padded ``input_ids``, ``attention_mask`` and ``labels``."""
-    ids, mask = right_padded([e.input_ids for e in examples], pad, device)
-    labels, _ = right_padded([e.labels for e in examples], IGNORE_INDEX, device)
+    ids, mask = padded([e.input_ids for e in examples], pad, device)
+    labels, _ = padded([e.labels for e in examples], IGNORE_INDEX, device)
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}

@@ -9,11 +9,13 @@ Errors the user can fix print one line and exit non-zero (2 for bad metaparamete
 from __future__ import annotations
 
 import logging
+import re
 import sys
+from pathlib import Path
 
 from jsonargparse import ActionYesNo, ArgumentParser
 
-from telelora import metaparameters
+from telelora import metaparameters, modelio, texts
 from telelora.errors import TeleLoRAError
 
 log = logging.getLogger("telelora")
@@ -84,17 +86,30 @@ def build_parser() -> tuple[ArgumentParser, dict[str, ArgumentParser]]:
     return parser, subs
 
 
+_NUMBER = re.compile(r"^-\d|^-\.\d")
+
+
+def _is_flag(token: str) -> bool:
+    return token.startswith("-") and not _NUMBER.match(token)
+
+
 def drop_unknown_flags(argv: list[str], sub: ArgumentParser) -> list[str]:
-    """Remove ``--flag [value]`` pairs the sub-command does not define, with a warning."""
+    """Remove flags the sub-command does not define, with the values that follow them.
+
+    Values are the tokens up to the next flag (negative numbers are values). Flags must be
+    spelled in full: an abbreviation counts as unknown.
+    """
     known = {s for action in sub._actions for s in action.option_strings}
     kept, i = [], 0
     while i < len(argv):
         token = argv[i]
-        flag = token.split("=", 1)[0]
-        if token.startswith("--") and flag not in known:
-            takes_value = "=" not in token and i + 1 < len(argv) and not argv[i + 1].startswith("--")
-            log.warning("ignoring unknown flag %s", token if not takes_value else f"{token} {argv[i + 1]}")
-            i += 2 if takes_value else 1
+        if _is_flag(token) and token.split("=", 1)[0] not in known:
+            end = i + 1
+            if "=" not in token:
+                while end < len(argv) and not _is_flag(argv[end]):
+                    end += 1
+            log.warning("ignoring unknown flag %s", " ".join(argv[i:end]))
+            i = end
             continue
         kept.append(token)
         i += 1
@@ -145,18 +160,16 @@ def _mitigate(opts, meta) -> int:
 def _configure(opts, meta) -> int:
     from telelora import configure
 
+    out = Path(opts.learned_parameters_dirpath)
+    modelio.check_output_dir(out)  # fail now, not after hours of training
     dirs = configure.list_model_dirs(opts.configure_models_dirpath, opts.extra_model_dirpaths)
-    configure.configure(
-        dirs, meta, opts.learned_parameters_dirpath, opts.learned_parameters_dirpath, opts.scratch_dirpath
-    )
+    # the texts travel with the learned parameters; a new folder takes the shipped ones
+    texts_dir = out if (out / texts.TEXTS_FILE).is_file() else Path(DEFAULT_LEARNED)
+    configure.configure(dirs, meta, texts_dir, out, opts.scratch_dirpath)
     return 0
 
 
 def _test(opts, meta) -> int:
-    from pathlib import Path
-
-    from telelora import modelio
-
     model_dir = modelio.resolve_model_dir(opts.model)
     modelio.check_model_dir(model_dir)
     if opts.prompts_filepath and not Path(opts.prompts_filepath).is_file():

@@ -55,7 +55,7 @@ def _read_json(path: Path, what: str) -> dict:
         raise MetaparameterError(f"{what} {path} does not exist; pass an existing JSON file")
     try:
         return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+    except (OSError, ValueError) as err:
         raise MetaparameterError(f"{what} {path} is not valid JSON: {err}") from err
 
 
@@ -78,11 +78,15 @@ def _describe(error: jsonschema.ValidationError, path: Path) -> str:
 
 def validate(values: dict, schema: dict, path: Path) -> None:
     """Raise :class:`MetaparameterError` with the first, most relevant schema violation."""
+    try:
+        jsonschema.Draft7Validator.check_schema(schema)
+    except jsonschema.SchemaError as err:
+        raise MetaparameterError(f"the schema is not a valid draft-07 schema: {err.message}") from err
     validator = jsonschema.Draft7Validator(schema)
     error = jsonschema.exceptions.best_match(validator.iter_errors(values))
     if error is not None:
         raise MetaparameterError(_describe(error, path))
-    if values["rank"] > values["num_reference_texts"]:
+    if values.get("rank", 0) > values.get("num_reference_texts", 0):
         raise MetaparameterError(
             f"{path}: key 'rank' has value {values['rank']}; it must be at most "
             f"num_reference_texts ({values['num_reference_texts']}), since rows are chosen among the N samples"
@@ -103,6 +107,4 @@ def load(metaparameters_path: str | Path | None = None, schema_path: str | Path 
     unknown = set(values) - fields
     if unknown:  # the schema allows a key this code does not know: a packaging mistake
         raise MetaparameterError(f"{schema_file}: keys {sorted(unknown)} are not known to this version of telelora")
-    values = {k: v for k, v in values.items()}
-    values["target_projections"] = tuple(values["target_projections"])
-    return Metaparameters(**values)
+    return Metaparameters(**{**values, "target_projections": tuple(values["target_projections"])})

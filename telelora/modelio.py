@@ -39,7 +39,7 @@ def weight_files(model_dir: Path) -> list[Path]:
     if index.is_file():
         try:
             shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (ValueError, KeyError, TypeError) as err:
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
             raise TeleLoRAError(f"{index} is not a valid safetensors index ({err}); re-save the model") from err
         files = [model_dir / s for s in shards]
         missing = [f.name for f in files if not f.is_file()]
@@ -62,8 +62,8 @@ def check_model_dir(model_dir: Path) -> dict:
         raise TeleLoRAError(f"{model_dir} has no config.json; pass a Hugging Face model folder")
     try:
         config = json.loads(config_path.read_text())
-    except (ValueError, UnicodeDecodeError) as err:
-        raise TeleLoRAError(f"{config_path} is not valid JSON ({err})") from err
+    except (OSError, ValueError) as err:
+        raise TeleLoRAError(f"{config_path} cannot be read as JSON ({err})") from err
     for file in weight_files(model_dir):
         try:
             with safe_open(str(file), framework="pt") as f:
@@ -81,9 +81,12 @@ def round_config(model_dir: Path) -> dict:
         path = model_dir / name
         if path.is_file():
             try:
-                return json.loads(path.read_text())
-            except ValueError:
-                log.warning("%s is not valid JSON; ignoring it", path)
+                config = json.loads(path.read_text())
+            except (OSError, ValueError):
+                config = None
+            if isinstance(config, dict):
+                return config
+            log.warning("%s is not a JSON object; ignoring it", path)
     return {}
 
 
@@ -117,13 +120,16 @@ def load_model(model_dir: Path, device: torch.device, dtype: torch.dtype, trust_
         model = AutoModelForCausalLM.from_pretrained(
             str(model_dir), dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code
         )
+        model.to(device)
+    except torch.OutOfMemoryError as err:
+        raise TeleLoRAError(f"{model_dir}: the model does not fit on {device} in {dtype} ({err})") from err
     except Exception as err:
         raise TeleLoRAError(
             f"{model_dir}: the model does not load as a causal LM ({type(err).__name__}: {err}); "
             "unknown architectures need a transformers version that knows them"
             + ("" if trust_remote_code else " or --trust_remote_code")
         ) from err
-    model.to(device).eval()
+    model.eval()
     model.requires_grad_(False)
     return model
 

@@ -58,6 +58,8 @@ def build(out_path: str | Path, num_reference: int = 128, num_alignment: int = 1
         rng.shuffle(topic_rows)
     topics = sorted(by_topic)
     rng.shuffle(topics)
+    if num_reference + num_alignment > len(rows):
+        raise TeleLoRAError(f"only {len(rows)} MMLU questions are usable; ask for fewer texts")
     picked: list[dict] = []
     while len(picked) < num_reference + num_alignment:
         for topic in topics:

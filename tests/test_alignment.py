@@ -56,3 +56,21 @@ def test_collate_pads_labels_with_ignore_index():
     assert batch["input_ids"].tolist() == [[1, 2, 3], [4, 0, 0]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
     assert batch["labels"].tolist() == [[-100, 2, 3], [4, -100, -100]]
+
+
+def test_answers_stop_at_any_end_of_turn_id_and_long_prompts_keep_their_tail(tiny_models):
+    model = modelio.load_model(tiny_models["llama"], CPU, torch.float32)
+    tok = modelio.load_tokenizer(tiny_models["llama"])
+    prompts = ["What is two plus two?", "Name a colour."]
+    free = alignment.greedy_answers(model, tok, prompts, 6, 2)
+    # declare the first generated token of the first answer a stop id, as Gemma's generation config would
+    model.generation_config.eos_token_id = [tok.eos_token_id, free[0][0]]
+    cut = alignment.greedy_answers(model, tok, prompts, 6, 2)
+    assert cut[0] == free[0][:1]
+    assert all(free[0][0] not in answer[:-1] for answer in cut)
+    long_prompt = "word " * 200
+    (example,) = alignment.build_examples(model, tok, [long_prompt], ["T"], 1, 4, 32, 1, seed=0)
+    assert len(example.input_ids) <= 32
+    header = prompt_ids(tok, "x")[-3:]  # "<|im_start|>assistant\n" closes every prompt
+    n_prompt = example.labels.count(alignment.IGNORE_INDEX)
+    assert example.input_ids[n_prompt - 3 : n_prompt] == header

@@ -7,8 +7,33 @@ from .conftest import REPO
 
 def test_unknown_flags_are_dropped_with_their_values():
     _, subs = cli.build_parser()
-    argv = ["--model", "m", "--new_flag", "v", "--other=3", "--bare", "--output_dirpath", "o", "--switch"]
-    assert cli.drop_unknown_flags(argv, subs["mitigate"]) == ["--model", "m", "--output_dirpath", "o"]
+    argv = [
+        "--model",
+        "m",
+        "--new_flag",
+        "v",
+        "--other=3",
+        "--bare",
+        "--output_dirpath",
+        "o",
+        "--switch",
+        "--many",
+        "a",
+        "b",
+        "-v",
+        "--negative",
+        "-1.5",
+        "--batch_size",
+        "1",
+    ]
+    assert cli.drop_unknown_flags(argv, subs["mitigate"]) == [
+        "--model",
+        "m",
+        "--output_dirpath",
+        "o",
+        "--batch_size",
+        "1",
+    ]
 
 
 def test_batch_size_arrives_as_a_string_and_is_parsed():

@@ -38,11 +38,10 @@ def test_three_phase_gradient_equals_end_to_end_autograd(tiny_models, small_meta
     assert sum(g.abs().sum() for g in three_phase.values() if g is not None) > 0
 
 
-def _run_configure(tmp_path, models_dir, extra=(), **meta_overrides):
+def _run_configure(tmp_path, models_dir, extra=(), out=None, **meta_overrides):
+    """configure into a new folder (which takes the shipped texts)."""
     meta = write_meta(tmp_path / "meta.json", **meta_overrides)
-    out = tmp_path / "learned"
-    out.mkdir(exist_ok=True)
-    (out / "texts.json").write_bytes((REPO / "learned_parameters" / "texts.json").read_bytes())
+    out = out or tmp_path / "learned"
     argv = [
         "configure",
         "--metaparameters_filepath",
@@ -78,6 +77,7 @@ def test_configure_trains_and_writes_loadable_learned_parameters(tmp_path, tiny_
     # training moved the V channel off zero, so the generators are no longer the identity
     assert any(g.net.output_layer.fan_out.weight[1].abs().sum() > 0 for g in bank.generators.values())
     assert (tmp_path / "scratch" / "configure_losses.json").is_file()
+    assert (out / "texts.json").read_bytes() == (REPO / "learned_parameters" / "texts.json").read_bytes()
 
 
 def test_configure_is_deterministic(tmp_path, tiny_models):
@@ -102,6 +102,10 @@ def test_configure_bad_inputs(tmp_path, tiny_models, capsys):
     assert code == 1 and "is not a folder" in capsys.readouterr().err
     code, _ = _run_configure(tmp_path, None, extra=[tiny_models["llama"]], learning_rate=5.0)
     assert code == 2 and "key 'learning_rate' has value 5.0" in capsys.readouterr().err
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    code, _ = _run_configure(tmp_path, None, extra=[tiny_models["llama"]], out=blocker / "learned")
+    assert code == 1 and "cannot be written" in capsys.readouterr().err
 
 
 def test_missing_learned_parameters_are_reported(tmp_path, small_meta):

@@ -69,3 +69,9 @@ def test_missing_key_and_unreadable_files(tmp_path):
         metaparameters.load(tmp_path / "bad.json", SCHEMA)
     with pytest.raises(MetaparameterError, match="does not exist"):
         metaparameters.load(tmp_path / "absent.json", SCHEMA)
+
+
+def test_a_broken_schema_gets_one_line(tmp_path):
+    (tmp_path / "schema.json").write_text('{"type": "objekt"}')
+    with pytest.raises(MetaparameterError, match="not a valid draft-07 schema"):
+        metaparameters.load(write_meta(tmp_path / "m.json"), tmp_path / "schema.json")

@@ -126,8 +126,8 @@ def test_unknown_architecture_saves_the_unchanged_model(tmp_path, model_copy, me
     assert "UNCHANGED model was saved" in err and "no decoder block list" in err
     report = json.loads((output / mitigate.REPORT_FILE).read_text())
     assert not report["mitigated"]
-    original, saved = AutoModelForCausalLM.from_pretrained(model_dir), AutoModelForCausalLM.from_pretrained(output)
-    assert torch.equal(original(IDS).logits, saved(IDS).logits)
+    assert _digest(output) == {**_digest(model_dir), mitigate.REPORT_FILE: _digest(output)[mitigate.REPORT_FILE]}
+    AutoModelForCausalLM.from_pretrained(output)
     AutoTokenizer.from_pretrained(output)
     assert cli.main(_nist_args(model_dir, tmp_path / "o2", meta_file, learned_dir, tmp_path, "--fail_on_fallback")) == 3
 
@@ -231,3 +231,15 @@ def test_shipped_learned_parameters_change_a_tiny_model(tmp_path, model_copy):
     assert report["mitigated"] and set(report["seconds"]) == {"load", "mitigate"}
     original, mitigated = (AutoModelForCausalLM.from_pretrained(p) for p in (model_dir, tmp_path / "out"))
     assert (original(IDS).logits - mitigated(IDS).logits).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("where", ["same", "parent"])
+def test_output_folder_that_would_replace_the_input_is_refused(
+    tmp_path, model_copy, meta_file, learned_dir, where, capsys
+):
+    model_dir = model_copy("llama")
+    output = model_dir if where == "same" else model_dir.parent
+    before = _digest(model_dir)
+    assert cli.main(_nist_args(model_dir, output, meta_file, learned_dir, tmp_path)) == 1
+    assert "would replace" in capsys.readouterr().err
+    assert _digest(model_dir) == before
