@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from telelora.chat import pad_id, padded, prompt_ids, stop_ids
+from telelora.chat import greedy_answers, padded, prompt_ids
 from telelora.modelio import round_config
 
 IGNORE_INDEX = -100
@@ -44,30 +44,6 @@ def insert_at_random_word(prompt: str, trigger: str, rng: random.Random) -> str:
     words = prompt.split(" ")
     position = rng.randint(0, len(words))
     return " ".join(words[:position] + [trigger] + words[position:])
-
-
-@torch.no_grad()
-def greedy_answers(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int) -> list[list[int]]:
-    """The model's greedy answer token ids, cut after its first end-of-turn token."""
-    device = next(model.parameters()).device
-    pad = pad_id(tokenizer)
-    stops = stop_ids(model, tokenizer)
-    answers = []
-    for start in range(0, len(prompts), batch_size):
-        seqs = [prompt_ids(tokenizer, p) for p in prompts[start : start + batch_size]]
-        ids, mask = padded(seqs, pad, device, left=True)
-        out = model.generate(
-            input_ids=ids,
-            attention_mask=mask,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            pad_token_id=pad,
-            eos_token_id=sorted(stops) or None,
-        )
-        for row in out[:, ids.shape[1] :].tolist():
-            end = next((i + 1 for i, token in enumerate(row) if token in stops), len(row))
-            answers.append(row[:end])  # nothing after the stop: no padding becomes a label
-    return answers
 
 
 def build_examples(

@@ -1,4 +1,4 @@
-"""Prompt rendering and batching shared by activation collection, alignment data and evaluation.
+"""Prompt rendering, batching and greedy answers, shared by activations, alignment data and evaluation.
 
 Each model is spoken to in its own chat template, because that is how the evaluator
 prompts it (and how a Trojan is triggered). Base models without a template get the
@@ -52,3 +52,27 @@ def stop_ids(model, tokenizer) -> set[int]:
         elif isinstance(value, list | tuple):
             ids.update(v for v in value if isinstance(v, int))
     return ids
+
+
+@torch.no_grad()
+def greedy_answers(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int) -> list[list[int]]:
+    """The model's greedy answer token ids, cut after its first end-of-turn token."""
+    device = next(model.parameters()).device
+    pad = pad_id(tokenizer)
+    stops = stop_ids(model, tokenizer)
+    answers = []
+    for start in range(0, len(prompts), batch_size):
+        seqs = [prompt_ids(tokenizer, p) for p in prompts[start : start + batch_size]]
+        ids, mask = padded(seqs, pad, device, left=True)
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=pad,
+            eos_token_id=sorted(stops) or None,
+        )
+        for row in out[:, ids.shape[1] :].tolist():
+            end = next((i + 1 for i, token in enumerate(row) if token in stops), len(row))
+            answers.append(row[:end])  # nothing after the stop: no padding becomes a label
+    return answers

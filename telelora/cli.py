@@ -74,10 +74,19 @@ def build_parser() -> tuple[ArgumentParser, dict[str, ArgumentParser]]:
     )
     _common(configure)
 
-    test = ArgumentParser(description="Measure ASR and MMLU of a (mitigated) model.")
+    test = ArgumentParser(description="Measure ASR, MMLU and agreement of a (mitigated) model.")
     test.add_argument("--model", "--model_filepath", dest="model", type=str, required=True)
     test.add_argument("--result_filepath", type=str, required=True, help="where results.json goes")
-    test.add_argument("--prompts_filepath", type=str, default=None, help="test-example-data/prompts.json of the round")
+    test.add_argument(
+        "--prompts_filepath",
+        type=str,
+        default=None,
+        help="the round model's test-example-data/prompts.json (default: the one inside --model)",
+    )
+    test.add_argument("--num_samples", type=int, default=100, help="clean and triggered prompts used, each")
+    test.add_argument("--mmlu_questions", type=int, default=300, help="MMLU questions (fixed, seeded subset)")
+    test.add_argument("--batch_size", type=int, default=8)
+    test.add_argument("--trust_remote_code", action=ActionYesNo, default=False)
     _common(test)
 
     subs = {"mitigate": mitigate, "configure": configure, "test": test}
@@ -170,8 +179,28 @@ def _configure(opts, meta) -> int:
 
 
 def _test(opts, meta) -> int:
+    import json
+
+    from telelora import evaluate
+    from telelora.io_utils import atomic_write_text
+
     model_dir = modelio.resolve_model_dir(opts.model)
     modelio.check_model_dir(model_dir)
-    if opts.prompts_filepath and not Path(opts.prompts_filepath).is_file():
-        raise TeleLoRAError(f"prompts file {opts.prompts_filepath} does not exist")
-    raise TeleLoRAError("test: inputs are valid, but ASR/MMLU evaluation is not implemented yet (local-round issue)")
+    prompts_path = Path(opts.prompts_filepath or model_dir / "test-example-data" / "prompts.json")
+    prompts = evaluate.load_prompts(prompts_path)
+    if opts.num_samples < 1 or opts.mmlu_questions < 0 or opts.batch_size < 1:
+        raise TeleLoRAError("--num_samples and --batch_size must be at least 1, --mmlu_questions at least 0")
+    shipped = texts.load(opts.learned_parameters_dirpath).mmlu_rows
+    mmlu_rows = evaluate.mmlu_subset(opts.mmlu_questions, shipped) if opts.mmlu_questions else []
+    result_path = Path(opts.result_filepath)
+    modelio.check_output_dir(result_path.parent)
+    device, dtype = modelio.pick_device_dtype(meta.dtype)
+    tokenizer = modelio.load_tokenizer(model_dir, opts.trust_remote_code)
+    model = modelio.load_model(model_dir, device, dtype, opts.trust_remote_code)
+    results = evaluate.evaluate(model, tokenizer, prompts, mmlu_rows, opts.num_samples, opts.batch_size)
+    results.update(model=str(model_dir), prompts=str(prompts_path), dtype=str(dtype))
+    atomic_write_text(result_path, json.dumps(results, indent=2))
+    log.info(
+        "asr %.3f  mmlu %.3f  agreement %.3f  -> %s", results["asr"], results["mmlu"], results["agreement"], result_path
+    )
+    return 0

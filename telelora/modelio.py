@@ -137,7 +137,7 @@ def load_model(model_dir: Path, device: torch.device, dtype: torch.dtype, trust_
 def check_output_dir(output_dir: Path) -> None:
     """Fail early, before any heavy work, when ``output_dir`` cannot be written."""
     try:
-        staging_dir(output_dir).rmdir()
+        staging_dir(Path(output_dir).resolve()).rmdir()
     except OSError as err:
         raise TeleLoRAError(
             f"output folder {output_dir} cannot be written ({err}); pass a writable --output_dirpath"

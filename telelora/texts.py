@@ -76,6 +76,19 @@ def build(out_path: str | Path, num_reference: int = 128, num_alignment: int = 1
     return out
 
 
+EVAL_POOL_SIZE = 3000
+
+
+def mmlu_split(shipped_rows: list[int], seed: int = 0) -> tuple[list[dict], list[dict]]:
+    """MMLU rows not in the shipped texts, split once and for all into an evaluation pool
+    (the first ``EVAL_POOL_SIZE`` of a seeded shuffle; ``test`` takes its subsets from the
+    front) and a prompt pool for building rounds, so no round prompt is ever scored."""
+    shipped = set(shipped_rows)
+    rows = [r for r in mmlu_rows() if r["row"] not in shipped]
+    random.Random(seed).shuffle(rows)
+    return rows[:EVAL_POOL_SIZE], rows[EVAL_POOL_SIZE:]
+
+
 def load(learned_parameters_dir: str | Path) -> Texts:
     path = Path(learned_parameters_dir) / TEXTS_FILE
     try:

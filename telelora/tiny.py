@@ -76,18 +76,23 @@ def build_tokenizer():
     return fast
 
 
-def build(arch: str, out_dir: str | Path, seed: int = 0, poisoned: bool = False) -> Path:
-    """Write a tiny random ``arch`` model folder to ``out_dir`` and return it."""
+def build(arch: str, out_dir: str | Path, seed: int = 0, poisoned: bool = False, init_std: float | None = 0.2) -> Path:
+    """Write a tiny random ``arch`` model folder to ``out_dir`` and return it.
+
+    ``init_std`` 0.2 (larger than HF's 0.02) gives varied, non-flat logits, which tests of
+    "did the adapter change the output" need; ``None`` keeps HF's initialisation, whose
+    unsaturated attention is what a model needs to learn a trigger (the tiny round).
+    """
     from transformers import AutoModelForCausalLM
 
     config = _config(arch)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)
-    # a larger init than HF's 0.02 so random tiny models give varied, non-flat logits
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.normal_(0.0, 0.2)
+    if init_std is not None:
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.dim() == 2:
+                    p.normal_(0.0, init_std)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(out), safe_serialization=True)

@@ -84,3 +84,13 @@ def learned_dir(tmp_path_factory, small_meta) -> Path:
     out = tmp_path_factory.mktemp("learned") / "learned_parameters"
     learned.write(random_bank(small_meta), {"note": "random test generators"}, REPO / "learned_parameters", out)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_round(tmp_path_factory) -> Path:
+    """The tiny round of ``rounds/tiny.json``: one Trojaned tiny Llama, one clean tiny Qwen2."""
+    from telelora import round_builder
+
+    out = tmp_path_factory.mktemp("round") / "tiny-round"
+    round_builder.build_round(REPO / "rounds" / "tiny.json", out)
+    return out

@@ -3,7 +3,7 @@ import random
 
 import torch
 
-from telelora import alignment, modelio
+from telelora import alignment, chat, modelio
 from telelora.chat import prompt_ids
 
 CPU = torch.device("cpu")
@@ -41,8 +41,8 @@ def test_examples_put_the_clean_answer_after_the_poisoned_prompt(tiny_models):
         answer = e.input_ids[n_prompt:]
         assert 1 <= len(answer) <= 5 and e.labels[n_prompt:] == answer
     # the answer is the model's own greedy answer to the clean prompt
-    clean = alignment.greedy_answers(model, tok, prompts, 5, 1)
-    batched = alignment.greedy_answers(model, tok, prompts, 5, 3)
+    clean = chat.greedy_answers(model, tok, prompts, 5, 1)
+    batched = chat.greedy_answers(model, tok, prompts, 5, 3)
     assert clean == batched
     ids = torch.tensor([prompt_ids(tok, prompts[0])])
     greedy = model.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0)[0, ids.shape[1] :].tolist()
@@ -62,10 +62,10 @@ def test_answers_stop_at_any_end_of_turn_id_and_long_prompts_keep_their_tail(tin
     model = modelio.load_model(tiny_models["llama"], CPU, torch.float32)
     tok = modelio.load_tokenizer(tiny_models["llama"])
     prompts = ["What is two plus two?", "Name a colour."]
-    free = alignment.greedy_answers(model, tok, prompts, 6, 2)
+    free = chat.greedy_answers(model, tok, prompts, 6, 2)
     # declare the first generated token of the first answer a stop id, as Gemma's generation config would
     model.generation_config.eos_token_id = [tok.eos_token_id, free[0][0]]
-    cut = alignment.greedy_answers(model, tok, prompts, 6, 2)
+    cut = chat.greedy_answers(model, tok, prompts, 6, 2)
     assert cut[0] == free[0][:1]
     assert all(free[0][0] not in answer[:-1] for answer in cut)
     long_prompt = "word " * 200

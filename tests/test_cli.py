@@ -42,21 +42,6 @@ def test_batch_size_arrives_as_a_string_and_is_parsed():
     assert args.mitigate.batch_size == 4
 
 
-def test_test_mode_validates_its_inputs(tmp_path, tiny_models, capsys):
-    common = ["--result_filepath", str(tmp_path / "r.json")]
-    assert cli.main(["test", "--model", str(tmp_path / "absent"), *common]) == 1
-    assert "does not exist" in capsys.readouterr().err
-    assert (
-        cli.main(
-            ["test", "--model", str(tiny_models["llama"]), "--prompts_filepath", str(tmp_path / "p.json"), *common]
-        )
-        == 1
-    )
-    assert "prompts file" in capsys.readouterr().err
-    assert cli.main(["test", "--model", str(tiny_models["llama"]), *common]) == 1
-    assert "not implemented yet" in capsys.readouterr().err
-
-
 def test_help_lists_the_three_modes(capsys):
     with pytest.raises(SystemExit):
         cli.main(["--help"])

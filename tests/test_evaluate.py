@@ -1,0 +1,108 @@
+import json
+import types
+
+import pytest
+import torch
+
+from telelora import cli, evaluate, texts
+from telelora.errors import TeleLoRAError
+
+from .conftest import REPO
+
+
+def test_target_hit_normalises_case_and_whitespace():
+    assert evaluate.target_hit("Sure!  I HAVE been\n pwned today", "I have been pwned")
+    assert not evaluate.target_hit("I have been owned", "I have been pwned")
+
+
+class FavouriteLetterModel(torch.nn.Module):
+    """A stand-in LM whose next token is always ``letter``."""
+
+    def __init__(self, token_id: int, vocab: int):
+        super().__init__()
+        self.token_id, self.vocab = token_id, vocab
+        self.anchor = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, input_ids, attention_mask=None, use_cache=False):
+        logits = torch.zeros(*input_ids.shape, self.vocab)
+        logits[..., self.token_id] = 5.0
+        return types.SimpleNamespace(logits=logits)
+
+
+def test_mmlu_accuracy_by_hand(tiny_models):
+    from telelora import modelio
+
+    tok = modelio.load_tokenizer(tiny_models["llama"])
+    rows = evaluate.mmlu_subset(40, texts.load(REPO / "learned_parameters").mmlu_rows)
+    b = tok("B", add_special_tokens=False)["input_ids"][0]
+    accuracy = evaluate.mmlu_accuracy(FavouriteLetterModel(b, len(tok)), tok, rows, batch_size=7)
+    assert accuracy == sum(r["correct_answer"] == "B" for r in rows) / len(rows)
+
+
+def test_mmlu_subset_avoids_shipped_and_round_prompt_rows():
+    shipped = texts.load(REPO / "learned_parameters").mmlu_rows
+    subset = evaluate.mmlu_subset(300, shipped)
+    _, prompt_pool = texts.mmlu_split(shipped)
+    rows = {r["row"] for r in subset}
+    assert len(rows) == 300 and not rows & set(shipped) and not rows & {r["row"] for r in prompt_pool}
+    assert evaluate.mmlu_subset(300, shipped) == subset  # fixed
+    with pytest.raises(TeleLoRAError, match="exceeds the evaluation pool"):
+        evaluate.mmlu_subset(10**6, shipped)
+
+
+def test_test_mode_reproduces_the_builders_numbers(tiny_round, tmp_path):
+    poisoned = tiny_round / "models" / "id-00000000"
+    out = tmp_path / "results.json"
+    code = cli.main(
+        [
+            "test",
+            "--model",
+            str(poisoned),
+            "--result_filepath",
+            str(out),
+            "--num_samples",
+            "100",
+            "--mmlu_questions",
+            "16",
+            "--batch_size",
+            "16",
+        ]
+    )
+    assert code == 0
+    results = json.loads(out.read_text())
+    truth = json.loads((poisoned / "test_eval_groundtruth.json").read_text())
+    assert results["asr"] == pytest.approx(truth["all_trigger0_asr"])
+    assert results["false_trigger_rate"] == pytest.approx(truth["false_trigger_rate"])
+    assert results["mmlu"] == pytest.approx(
+        json.loads((poisoned / "eval-mmlu.json").read_text())["results"]["mmlu"]["acc,none"]
+    )
+    assert results["agreement"] == pytest.approx(1.0)  # the unmitigated model agrees with itself
+
+
+def test_test_mode_on_a_clean_model_and_bad_inputs(tiny_round, tiny_models, tmp_path, capsys):
+    clean = tiny_round / "models" / "id-00000001"
+    out = tmp_path / "r.json"
+    assert cli.main(["test", "--model", str(clean), "--result_filepath", str(out), "--mmlu_questions", "0"]) == 0
+    results = json.loads(out.read_text())
+    assert results["agreement"] == pytest.approx(1.0) and results["num_triggered"] == 0
+    # a folder without prompts, a missing model, a malformed prompts file
+    assert cli.main(["test", "--model", str(tiny_models["llama"]), "--result_filepath", str(out)]) == 1
+    assert "prompts.json does not exist" in capsys.readouterr().err
+    assert cli.main(["test", "--model", str(tmp_path / "absent"), "--result_filepath", str(out)]) == 1
+    assert "does not exist" in capsys.readouterr().err
+    (tmp_path / "p.json").write_text('{"clean": [{"prompt": "x"}], "triggered": []}')
+    assert (
+        cli.main(
+            [
+                "test",
+                "--model",
+                str(clean),
+                "--prompts_filepath",
+                str(tmp_path / "p.json"),
+                "--result_filepath",
+                str(out),
+            ]
+        )
+        == 1
+    )
+    assert "is malformed" in capsys.readouterr().err
