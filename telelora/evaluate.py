@@ -69,9 +69,11 @@ def mmlu_accuracy(model, tokenizer, rows: list[dict], batch_size: int, max_token
     for start in tqdm(range(0, len(rows), batch_size), desc="MMLU", leave=False):
         batch = rows[start : start + batch_size]
         seqs = [prompt_ids(tokenizer, mmlu_prompt(r))[-max_tokens:] for r in batch]
-        ids, mask = padded(seqs, pad_id(tokenizer), device)
-        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-        last = logits[torch.arange(len(batch), device=device), mask.sum(dim=1) - 1].float().log_softmax(-1)
+        # left padding puts every prompt's last token at the end: only that position's
+        # vocabulary-sized logits are computed (262k-entry rows for Gemma 3)
+        ids, mask = padded(seqs, pad_id(tokenizer), device, left=True)
+        logits = model(input_ids=ids, attention_mask=mask, use_cache=False, logits_to_keep=1).logits
+        last = logits[:, -1].float().log_softmax(-1)
         scores = torch.stack([last[:, v].max(dim=-1).values for v in letter_ids], dim=-1)
         for row, choice in zip(batch, scores.argmax(dim=-1).tolist(), strict=True):
             correct += LETTERS[choice] == row["correct_answer"]
@@ -98,14 +100,17 @@ def agreement(model, tokenizer, prompts: list[str], reference_answers: list[list
     for start in range(0, len(prompts), batch_size):
         heads = [prompt_ids(tokenizer, p) for p in prompts[start : start + batch_size]]
         answers = reference_answers[start : start + batch_size]
-        ids, mask = padded([h + a for h, a in zip(heads, answers, strict=True)], pad_id(tokenizer), device)
-        predicted = model(input_ids=ids, attention_mask=mask, use_cache=False).logits.argmax(dim=-1)
-        for row, (head, answer) in enumerate(zip(heads, answers, strict=True)):
+        # left padding ends every answer at the last position, so only the last
+        # (longest answer + 1) positions need logits
+        keep = max(len(a) for a in answers) + 1
+        ids, mask = padded([h + a for h, a in zip(heads, answers, strict=True)], pad_id(tokenizer), device, left=True)
+        logits = model(input_ids=ids, attention_mask=mask, use_cache=False, logits_to_keep=keep).logits
+        predicted = logits.argmax(dim=-1)
+        for row, answer in enumerate(answers):
             if not answer:
                 continue
-            positions = torch.arange(len(head) - 1, len(head) + len(answer) - 1, device=device)
             target = torch.tensor(answer, device=device)
-            fractions.append((predicted[row, positions] == target).float().mean().item())
+            fractions.append((predicted[row, keep - len(answer) - 1 : keep - 1] == target).float().mean().item())
     return sum(fractions) / len(fractions) if fractions else float("nan")
 
 

@@ -166,6 +166,18 @@ def insert_trojan(model, tokenizer, model_spec: ModelSpec, train: list[str], spe
     return peft_model.merge_and_unload()
 
 
+def _base_mmlu(model, tokenizer, rows: list[dict], spec: RoundSpec, cache: Path) -> float:
+    """MMLU of a base model, measured once per round and base."""
+    key = {"questions": len(rows), "first_row": rows[0]["row"] if rows else None}
+    if cache.is_file():
+        cached = json.loads(cache.read_text())
+        if cached["key"] == key:
+            return cached["mmlu"]
+    mmlu = evaluate.mmlu_accuracy(model, tokenizer, rows, spec.eval_batch_size)
+    atomic_write_text(cache, json.dumps({"key": key, "mmlu": mmlu}))
+    return mmlu
+
+
 def build_model(spec: RoundSpec, index: int, model_spec: ModelSpec, out_dir: Path, work_dir: Path, cache_dir) -> dict:
     """Build, check and publish one model folder; return its METADATA row."""
     start = time.time()
@@ -179,7 +191,7 @@ def build_model(spec: RoundSpec, index: int, model_spec: ModelSpec, out_dir: Pat
     torch.manual_seed(spec.seed * 1000 + index)
     shipped = texts.load(REPO_ROOT / "learned_parameters").mmlu_rows
     mmlu_rows = evaluate.mmlu_subset(spec.mmlu_questions, shipped)
-    base_mmlu = evaluate.mmlu_accuracy(model, tokenizer, mmlu_rows, spec.eval_batch_size)
+    base_mmlu = _base_mmlu(model, tokenizer, mmlu_rows, spec, work_dir / f"mmlu-{model_spec.base}.json")
 
     triggers = []
     if model_spec.poisoned:
