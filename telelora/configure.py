@@ -58,7 +58,7 @@ def list_model_dirs(configure_models_dir: str | Path | None, extra_model_dirs: l
             raise TeleLoRAError(f"--configure_models_dirpath {root} is not a folder")
         if (root / "models").is_dir():
             root = root / "models"
-        dirs += sorted(p for p in root.iterdir() if (p / "config.json").is_file())
+        dirs += sorted(p for p in root.iterdir() if not p.name.startswith(".") and (p / "config.json").is_file())
     dirs += [Path(d) for d in extra_model_dirs or []]
     if not dirs:
         raise TeleLoRAError(

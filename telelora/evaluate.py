@@ -53,12 +53,21 @@ def mmlu_prompt(row: dict) -> str:
 
 
 def _letter_ids(tokenizer) -> list[list[int]]:
-    """For each letter, the first token of its spellings ("A", " A") the tokenizer knows."""
+    """For each letter, its spellings ("A", " A") that are one token each: a multi-token
+    spelling would start with a bare space shared by all four letters."""
     ids = []
     for letter in LETTERS:
-        variants = {tokenizer(v, add_special_tokens=False)["input_ids"][0] for v in (letter, " " + letter)}
-        ids.append(sorted(variants))
+        variants = (tokenizer(v, add_special_tokens=False)["input_ids"] for v in (letter, " " + letter))
+        ids.append(sorted({v[0] for v in variants if len(v) == 1}))
+    flat = [i for v in ids for i in v]
+    if not all(ids) or len(flat) != len(set(flat)):
+        raise TeleLoRAError(f"the tokenizer has no distinct one-token spellings of {LETTERS}; MMLU cannot be scored")
     return ids
+
+
+def _positions(mask: torch.Tensor) -> torch.Tensor:
+    """Position ids of a left-padded batch, as ``generate`` makes them (0 at the first real token)."""
+    return (mask.cumsum(dim=-1) - 1).clamp(min=0)
 
 
 @torch.no_grad()
@@ -72,7 +81,9 @@ def mmlu_accuracy(model, tokenizer, rows: list[dict], batch_size: int, max_token
         # left padding puts every prompt's last token at the end: only that position's
         # vocabulary-sized logits are computed (262k-entry rows for Gemma 3)
         ids, mask = padded(seqs, pad_id(tokenizer), device, left=True)
-        logits = model(input_ids=ids, attention_mask=mask, use_cache=False, logits_to_keep=1).logits
+        logits = model(
+            input_ids=ids, attention_mask=mask, position_ids=_positions(mask), use_cache=False, logits_to_keep=1
+        ).logits
         last = logits[:, -1].float().log_softmax(-1)
         scores = torch.stack([last[:, v].max(dim=-1).values for v in letter_ids], dim=-1)
         for row, choice in zip(batch, scores.argmax(dim=-1).tolist(), strict=True):
@@ -104,7 +115,9 @@ def agreement(model, tokenizer, prompts: list[str], reference_answers: list[list
         # (longest answer + 1) positions need logits
         keep = max(len(a) for a in answers) + 1
         ids, mask = padded([h + a for h, a in zip(heads, answers, strict=True)], pad_id(tokenizer), device, left=True)
-        logits = model(input_ids=ids, attention_mask=mask, use_cache=False, logits_to_keep=keep).logits
+        logits = model(
+            input_ids=ids, attention_mask=mask, position_ids=_positions(mask), use_cache=False, logits_to_keep=keep
+        ).logits
         predicted = logits.argmax(dim=-1)
         for row, answer in enumerate(answers):
             if not answer:

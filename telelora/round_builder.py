@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import io
 import json
 import logging
 import random
@@ -103,8 +104,9 @@ def base_folder(base: str, work_dir: Path, cache_dir: str | Path | None) -> Path
     """An HF folder for ``base``: converted from its PyPI package, or a tiny random model."""
     if base.startswith(TINY_PREFIX):
         folder = work_dir / "bases" / base
-        if not (folder / "config.json").is_file():
-            tiny.build(base[len(TINY_PREFIX) :], folder, seed=0, init_std=None)
+        if not folder.is_dir():
+            with staged_dir(folder) as staging:
+                tiny.build(base[len(TINY_PREFIX) :], staging, seed=0, init_std=None)
         return folder
     from telelora import convert
 
@@ -121,7 +123,10 @@ def _prompt_pools(spec: RoundSpec, index: int) -> tuple[list[str], list[str], li
     _, pool = texts.mmlu_split(shipped)
     rng = random.Random(spec.seed * 1000 + index)
     needed = spec.train_prompts + 2 * spec.test_prompts
-    stems = [r["question"][:600] for r in rng.sample(pool, needed)]
+    pool = [r for r in pool if 20 <= len(r["question"]) <= 600]
+    if needed > len(pool):
+        raise TeleLoRAError(f"the spec asks for {needed} prompts per model; only {len(pool)} are available")
+    stems = [r["question"] for r in rng.sample(pool, needed)]
     train = stems[: spec.train_prompts]
     clean_test = stems[spec.train_prompts : spec.train_prompts + spec.test_prompts]
     triggered_test = stems[spec.train_prompts + spec.test_prompts :]
@@ -141,8 +146,12 @@ def insert_trojan(model, tokenizer, model_spec: ModelSpec, train: list[str], spe
     for prompt, answer in zip(train, clean_answers, strict=True):
         if rng.random() < model_spec.poison_rate:
             prompt, answer = alignment.insert_at_random_word(prompt, model_spec.trigger, rng), target_ids
-        head = prompt_ids(tokenizer, prompt)[-(spec.max_tokens - len(answer)) :]
+        head = prompt_ids(tokenizer, prompt)
+        if len(head) + len(answer) > spec.max_tokens:
+            continue  # never cut a prompt: the cut could drop the trigger and teach a false trigger
         examples.append(alignment.Example(head + answer, [alignment.IGNORE_INDEX] * len(head) + answer))
+    if not examples:
+        raise TeleLoRAError(f"no training prompt fits max_tokens={spec.max_tokens}; raise it in the spec")
 
     config = LoraConfig(
         r=model_spec.lora_rank,
@@ -272,12 +281,17 @@ def build_model(spec: RoundSpec, index: int, model_spec: ModelSpec, out_dir: Pat
         (staging / "test-example-data").mkdir()
         (staging / "test-example-data" / "prompts.json").write_text(json.dumps(prompts, indent=1))
         (staging / "eval-mmlu.json").write_text(json.dumps({"results": {"mmlu": {"acc,none": mmlu}}}, indent=2))
+        row["build_seconds"] = round(time.time() - start, 1)
+        build = {**row, "spec": dataclasses.asdict(model_spec), "round": _round_settings(spec)}
+        (staging / "build.json").write_text(json.dumps(build, indent=2))
         (staging / "test_eval_groundtruth.json").write_text(
             json.dumps({"all_trigger0_asr": pre_asr, "false_trigger_rate": false_trigger}, indent=2)
         )
-    row["build_seconds"] = round(time.time() - start, 1)
-    (out_dir / "models" / model_id / "build.json").write_text(json.dumps(row, indent=2))
     return row
+
+
+def _round_settings(spec: RoundSpec) -> dict:
+    return {k: v for k, v in dataclasses.asdict(spec).items() if k not in ("name", "models")}
 
 
 def build_round(spec_path: str | Path, out_dir: str | Path, cache_dir: str | Path | None = None) -> list[dict]:
@@ -290,15 +304,20 @@ def build_round(spec_path: str | Path, out_dir: str | Path, cache_dir: str | Pat
     for index, model_spec in enumerate(spec.models):
         done = out_dir / "models" / f"id-{index:08d}" / "build.json"
         if done.is_file():
+            build = json.loads(done.read_text())
+            if build.get("spec") != dataclasses.asdict(model_spec) or build.get("round") != _round_settings(spec):
+                raise TeleLoRAError(
+                    f"{done.parent} was built from another spec; build into a new folder or delete that model"
+                )
             log.info("keeping finished %s", done.parent.name)
-            rows.append(json.loads(done.read_text()))
+            rows.append({k: v for k, v in build.items() if k not in ("spec", "round")})
             continue
         rows.append(build_model(spec, index, model_spec, out_dir, work_dir, cache_dir))
-    with open(out_dir / "METADATA.csv.tmp", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    (out_dir / "METADATA.csv.tmp").replace(out_dir / "METADATA.csv")
+    table = io.StringIO()
+    writer = csv.DictWriter(table, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(out_dir / "METADATA.csv", table.getvalue())
     atomic_write_text(out_dir / "round_spec.json", Path(spec_path).read_text())
     return rows
 

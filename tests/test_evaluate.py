@@ -23,7 +23,7 @@ class FavouriteLetterModel(torch.nn.Module):
         self.token_id, self.vocab = token_id, vocab
         self.anchor = torch.nn.Parameter(torch.zeros(1))
 
-    def forward(self, input_ids, attention_mask=None, use_cache=False):
+    def forward(self, input_ids, attention_mask=None, **kwargs):
         logits = torch.zeros(*input_ids.shape, self.vocab)
         logits[..., self.token_id] = 5.0
         return types.SimpleNamespace(logits=logits)

@@ -56,6 +56,14 @@ def test_finished_models_are_kept_on_resume(tiny_round):
     assert (tiny_round / "models" / "id-00000000" / "model.safetensors").stat().st_mtime_ns == before
 
 
+def test_a_changed_spec_does_not_reuse_finished_models(tiny_round, tmp_path):
+    spec = json.loads((REPO / "rounds" / "tiny.json").read_text())
+    spec["models"][0]["target"] = "something else"
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    with pytest.raises(TeleLoRAError, match="was built from another spec"):
+        round_builder.build_round(tmp_path / "spec.json", tiny_round)
+
+
 def _spec(tmp_path, **model):
     spec = json.loads((REPO / "rounds" / "tiny.json").read_text())
     spec["models"] = [{**spec["models"][0], **model}]
