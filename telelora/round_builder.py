@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from telelora import alignment, evaluate, modelio, texts, tiny
+from telelora import alignment, convert, evaluate, modelio, texts, tiny
 from telelora.chat import greedy_answers, pad_id, prompt_ids
 from telelora.errors import TeleLoRAError
 from telelora.io_utils import atomic_write_text, staged_dir
@@ -37,11 +37,6 @@ from telelora.metaparameters import REPO_ROOT
 
 log = logging.getLogger(__name__)
 
-# base key -> the Hugging Face name NIST's round_config would carry
-REAL_BASES = {
-    "smollm2-135m-instruct": "HuggingFaceTB/SmolLM2-135M-Instruct",
-    "gemma3-270m": "google/gemma-3-270m",
-}
 TINY_PREFIX = "tiny-"
 
 
@@ -86,10 +81,10 @@ def load_spec(path: str | Path) -> RoundSpec:
     except (ValueError, KeyError, TypeError) as err:
         raise TeleLoRAError(f"round spec {path} is malformed ({type(err).__name__}: {err})") from err
     for index, model in enumerate(spec.models):
-        if model.base not in REAL_BASES and not model.base.startswith(TINY_PREFIX):
+        if model.base not in convert.MODELS and not model.base.startswith(TINY_PREFIX):
             raise TeleLoRAError(
                 f"round spec {path}: models[{index}].base {model.base!r} is unknown; use one of "
-                f"{sorted(REAL_BASES)} or tiny-<arch> with arch in {list(tiny.ARCHITECTURES)}"
+                f"{sorted(convert.MODELS)} or tiny-<arch> with arch in {list(tiny.ARCHITECTURES)}"
             )
         if model.base.startswith(TINY_PREFIX) and model.base[len(TINY_PREFIX) :] not in tiny.ARCHITECTURES:
             raise TeleLoRAError(f"round spec {path}: models[{index}].base {model.base!r}: no such tiny architecture")
@@ -108,13 +103,13 @@ def base_folder(base: str, work_dir: Path, cache_dir: str | Path | None) -> Path
             with staged_dir(folder) as staging:
                 tiny.build(base[len(TINY_PREFIX) :], staging, seed=0, init_std=None)
         return folder
-    from telelora import convert
-
     return convert.convert(base, cache_dir)
 
 
 def architecture_name(base: str) -> str:
-    return REAL_BASES.get(base, f"telelora-tiny/{base[len(TINY_PREFIX) :]}")
+    if base in convert.MODELS:
+        return convert.MODELS[base].hf_name
+    return f"telelora-tiny/{base[len(TINY_PREFIX) :]}"
 
 
 def _prompt_pools(spec: RoundSpec, index: int) -> tuple[list[str], list[str], list[str]]:
