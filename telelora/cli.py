@@ -8,6 +8,7 @@ Errors the user can fix print one line and exit non-zero (2 for bad metaparamete
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import sys
@@ -17,6 +18,7 @@ from jsonargparse import ActionYesNo, ArgumentParser
 
 from telelora import metaparameters, modelio, texts
 from telelora.errors import TeleLoRAError
+from telelora.io_utils import atomic_write_text
 
 log = logging.getLogger("telelora")
 DEFAULT_LEARNED = str(metaparameters.REPO_ROOT / "learned_parameters")
@@ -179,10 +181,7 @@ def _configure(opts, meta) -> int:
 
 
 def _test(opts, meta) -> int:
-    import json
-
     from telelora import evaluate
-    from telelora.io_utils import atomic_write_text
 
     model_dir = modelio.resolve_model_dir(opts.model)
     modelio.check_model_dir(model_dir)

@@ -112,9 +112,8 @@ def architecture_name(base: str) -> str:
     return f"telelora-tiny/{base[len(TINY_PREFIX) :]}"
 
 
-def _prompt_pools(spec: RoundSpec, index: int) -> tuple[list[str], list[str], list[str]]:
+def _prompt_pools(spec: RoundSpec, index: int, shipped: list[int]) -> tuple[list[str], list[str], list[str]]:
     """Disjoint train, clean-test and triggered-test prompts for model ``index``."""
-    shipped = texts.load(REPO_ROOT / "learned_parameters").mmlu_rows
     _, pool = texts.mmlu_split(shipped)
     rng = random.Random(spec.seed * 1000 + index)
     needed = spec.train_prompts + 2 * spec.test_prompts
@@ -190,10 +189,10 @@ def build_model(spec: RoundSpec, index: int, model_spec: ModelSpec, out_dir: Pat
     device, dtype = modelio.pick_device_dtype("auto")
     tokenizer = modelio.load_tokenizer(base_dir)
     model = modelio.load_model(base_dir, device, dtype)
-    train, clean_test, triggered_test = _prompt_pools(spec, index)
+    shipped = texts.load(REPO_ROOT / "learned_parameters").mmlu_rows
+    train, clean_test, triggered_test = _prompt_pools(spec, index, shipped)
     rng = random.Random(spec.seed * 1000 + index)
     torch.manual_seed(spec.seed * 1000 + index)
-    shipped = texts.load(REPO_ROOT / "learned_parameters").mmlu_rows
     mmlu_rows = evaluate.mmlu_subset(spec.mmlu_questions, shipped)
     base_mmlu = _base_mmlu(model, tokenizer, mmlu_rows, spec, work_dir / f"mmlu-{model_spec.base}.json")
 
