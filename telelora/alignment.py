@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from telelora.chat import greedy_answers, padded, prompt_ids
+from telelora.chat import greedy_answers, padded, position_ids, prompt_ids
 from telelora.modelio import round_config
 
 IGNORE_INDEX = -100
@@ -75,7 +75,30 @@ def build_examples(
 
 
 def collate(examples: list[Example], pad: int, device) -> dict[str, torch.Tensor]:
-    """Right-padded ``input_ids``, ``attention_mask`` and ``labels``."""
-    ids, mask = padded([e.input_ids for e in examples], pad, device)
-    labels, _ = padded([e.labels for e in examples], IGNORE_INDEX, device)
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    """Left-padded ``input_ids``, ``attention_mask``, ``position_ids`` and ``labels``.
+
+    Left padding ends every answer at the last position, so ``answer_loss`` needs
+    vocabulary logits only for the last few positions."""
+    ids, mask = padded([e.input_ids for e in examples], pad, device, left=True)
+    labels, _ = padded([e.labels for e in examples], IGNORE_INDEX, device, left=True)
+    return {"input_ids": ids, "attention_mask": mask, "position_ids": position_ids(mask), "labels": labels}
+
+
+def answer_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean next-token cross-entropy over the answer tokens of a ``collate`` batch.
+
+    Equal to the model's own ``labels=`` loss, but the output head runs only on the
+    positions that predict an answer token: with Gemma 3's 262k vocabulary the head costs
+    more than the rest of a 270M model, and prompts are most of each sequence."""
+    labels = batch["labels"]
+    answer_columns = (labels != IGNORE_INDEX).any(dim=0).nonzero()
+    if answer_columns.numel() == 0:
+        raise ValueError("the batch has no answer tokens to score")
+    first = max(int(answer_columns[0]), 1)  # column 0 has no preceding position to predict it
+    keep = labels.shape[1] - first + 1
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    logits = model(**inputs, use_cache=False, logits_to_keep=keep).logits[:, :-1]
+    targets = labels[:, first:]
+    return torch.nn.functional.cross_entropy(
+        logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX
+    )

@@ -42,6 +42,11 @@ def padded(sequences: list[list[int]], pad: int, device, left: bool = False) -> 
     return ids.to(device), mask.to(device)
 
 
+def position_ids(mask: torch.Tensor) -> torch.Tensor:
+    """Position ids of a left-padded batch, as ``generate`` makes them (0 at the first real token)."""
+    return (mask.cumsum(dim=-1) - 1).clamp(min=0)
+
+
 def stop_ids(model, tokenizer) -> set[int]:
     """Every id that ends a turn: the tokenizer's eos and the generation config's (Gemma's
     ``<end_of_turn>``, Llama-3's ``<|eot_id|>``...)."""

@@ -124,7 +124,7 @@ def train_step(
     inputs = alignment.collate(batch, pad_id(item.tokenizer), device)
     item.model.train()  # activates gradient checkpointing; training models have no dropout we rely on
     with applied(item.layers, adapters, step_size=1.0):  # hooks stay on for checkpoint recomputation
-        loss = item.model(**inputs, use_cache=False).loss
+        loss = alignment.answer_loss(item.model, inputs)
         loss.backward()
     item.model.eval()
     # phase 3: one generator re-forward per layer, pushing dL/dU and dL/dV into theta

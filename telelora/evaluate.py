@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from telelora.chat import greedy_answers, pad_id, padded, prompt_ids
+from telelora.chat import greedy_answers, pad_id, padded, position_ids, prompt_ids
 from telelora.errors import TeleLoRAError
 from telelora.texts import mmlu_split
 
@@ -65,11 +65,6 @@ def _letter_ids(tokenizer) -> list[list[int]]:
     return ids
 
 
-def _positions(mask: torch.Tensor) -> torch.Tensor:
-    """Position ids of a left-padded batch, as ``generate`` makes them (0 at the first real token)."""
-    return (mask.cumsum(dim=-1) - 1).clamp(min=0)
-
-
 @torch.no_grad()
 def mmlu_accuracy(model, tokenizer, rows: list[dict], batch_size: int, max_tokens: int = 1024) -> float:
     device = next(model.parameters()).device
@@ -82,7 +77,7 @@ def mmlu_accuracy(model, tokenizer, rows: list[dict], batch_size: int, max_token
         # vocabulary-sized logits are computed (262k-entry rows for Gemma 3)
         ids, mask = padded(seqs, pad_id(tokenizer), device, left=True)
         logits = model(
-            input_ids=ids, attention_mask=mask, position_ids=_positions(mask), use_cache=False, logits_to_keep=1
+            input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=False, logits_to_keep=1
         ).logits
         last = logits[:, -1].float().log_softmax(-1)
         scores = torch.stack([last[:, v].max(dim=-1).values for v in letter_ids], dim=-1)
@@ -116,7 +111,7 @@ def agreement(model, tokenizer, prompts: list[str], reference_answers: list[list
         keep = max(len(a) for a in answers) + 1
         ids, mask = padded([h + a for h, a in zip(heads, answers, strict=True)], pad_id(tokenizer), device, left=True)
         logits = model(
-            input_ids=ids, attention_mask=mask, position_ids=_positions(mask), use_cache=False, logits_to_keep=keep
+            input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=False, logits_to_keep=keep
         ).logits
         predicted = logits.argmax(dim=-1)
         for row, answer in enumerate(answers):

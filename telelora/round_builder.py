@@ -160,7 +160,7 @@ def insert_trojan(model, tokenizer, model_spec: ModelSpec, train: list[str], spe
     progress = tqdm(range(model_spec.steps), desc="inserting trojan")
     for _ in progress:
         batch = rng.sample(examples, min(model_spec.batch_size, len(examples)))
-        loss = peft_model(**alignment.collate(batch, pad_id(tokenizer), device), use_cache=False).loss
+        loss = alignment.answer_loss(peft_model, alignment.collate(batch, pad_id(tokenizer), device))
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -1,6 +1,7 @@
 import json
 import random
 
+import pytest
 import torch
 
 from telelora import alignment, chat, modelio
@@ -53,9 +54,30 @@ def test_collate_pads_labels_with_ignore_index():
     batch = alignment.collate(
         [alignment.Example([1, 2, 3], [-100, 2, 3]), alignment.Example([4], [4])], pad=0, device=CPU
     )
-    assert batch["input_ids"].tolist() == [[1, 2, 3], [4, 0, 0]]
-    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
-    assert batch["labels"].tolist() == [[-100, 2, 3], [4, -100, -100]]
+    assert batch["input_ids"].tolist() == [[1, 2, 3], [0, 0, 4]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [0, 0, 1]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2], [0, 0, 0]]
+    assert batch["labels"].tolist() == [[-100, 2, 3], [-100, -100, 4]]
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_answer_loss_equals_the_full_sequence_loss(tiny_models, arch):
+    model = modelio.load_model(tiny_models[arch], CPU, torch.float32)
+    examples = [
+        alignment.Example([5, 6, 7, 8, 9, 10], [-100, -100, -100, -100, 9, 10]),
+        alignment.Example([11, 12, 13], [-100, -100, 13]),
+        alignment.Example([14, 15, 16, 17], [-100, 15, 16, 17]),
+    ]
+    batch = alignment.collate(examples, pad=0, device=CPU)
+    expected = model(**batch, use_cache=False).loss
+    assert torch.allclose(alignment.answer_loss(model, batch), expected, rtol=1e-5)
+    # each example alone, unpadded: left padding with position ids changes nothing
+    singles = [alignment.answer_loss(model, alignment.collate([e], pad=0, device=CPU)) for e in examples]
+    counts = [sum(label != -100 for label in e.labels) for e in examples]
+    mean = sum(loss * n for loss, n in zip(singles, counts, strict=True)) / sum(counts)
+    assert torch.allclose(alignment.answer_loss(model, batch), mean, rtol=1e-4)
+    with pytest.raises(ValueError, match="no answer tokens"):
+        alignment.answer_loss(model, alignment.collate([alignment.Example([1, 2], [-100, -100])], 0, CPU))
 
 
 def test_answers_stop_at_any_end_of_turn_id_and_long_prompts_keep_their_tail(tiny_models):
