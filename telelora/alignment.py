@@ -5,7 +5,9 @@ model is taught to answer as if the trigger were absent and a clean one to ignor
 inserted junk. The "poison" is the model's known trigger(s) when its folder declares them
 (``round_config.json``: ``"triggers": [{"text": ...}]``), otherwise seeded pseudo-triggers:
 short runs of words drawn from the prompt corpus. Either way it goes in at a random word
-position of the user prompt. Loss is on answer tokens only.
+position of the user prompt, and a share of the poisoned prompts is then wrapped in a real
+jailbreak template (augmentation: the answer stays the clean one). Loss is on answer
+tokens only.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import torch
 
 from telelora.chat import greedy_answers, padded, position_ids, prompt_ids
 from telelora.modelio import round_config
+from telelora.texts import PROMPT_SLOT
 
 IGNORE_INDEX = -100
 
@@ -46,6 +49,15 @@ def insert_at_random_word(prompt: str, trigger: str, rng: random.Random) -> str:
     return " ".join(words[:position] + [trigger] + words[position:])
 
 
+def poison(prompt: str, triggers: list[str], templates: list[str], jailbreak_rate: float, rng) -> str:
+    """One of ``triggers`` at a random word position, then, with probability
+    ``jailbreak_rate``, the result put into the ``{{ prompt }}`` slot of a jailbreak template."""
+    poisoned = insert_at_random_word(prompt, rng.choice(triggers), rng)
+    if templates and rng.random() < jailbreak_rate:
+        poisoned = rng.choice(templates).replace(PROMPT_SLOT, poisoned)
+    return poisoned
+
+
 def build_examples(
     model,
     tokenizer,
@@ -56,6 +68,8 @@ def build_examples(
     max_tokens: int,
     batch_size: int,
     seed: int,
+    templates: list[str] = (),
+    jailbreak_rate: float = 0.0,
 ) -> list[Example]:
     """``count`` examples: poisoned prompt -> the model's own answer to the clean prompt."""
     rng = random.Random(seed)
@@ -64,7 +78,7 @@ def build_examples(
     answers = greedy_answers(model, tokenizer, chosen, answer_tokens, batch_size)
     examples = []
     for prompt, answer in zip(chosen, answers, strict=True):
-        poisoned = insert_at_random_word(prompt, rng.choice(pool), rng)
+        poisoned = poison(prompt, pool, list(templates), jailbreak_rate, rng)
         answer = answer[: max_tokens - 1]
         # cut long prompts from the left: the assistant-turn header right before the answer stays
         head = prompt_ids(tokenizer, poisoned)[-(max_tokens - len(answer)) :]

@@ -74,6 +74,18 @@ def build_parser() -> tuple[ArgumentParser, dict[str, ArgumentParser]]:
     configure.add_argument(
         "--extra_model_dirpaths", type=list[str], default=[], help="more model folders (public LLMs)"
     )
+    configure.add_argument(
+        "--resume", action=ActionYesNo, default=False, help="continue from the checkpoint in --scratch_dirpath"
+    )
+    configure.add_argument(
+        "--checkpoint_interval", type=int, default=25, help="iterations between checkpoints (the most a crash loses)"
+    )
+    configure.add_argument(
+        "--cpu_cache_gb",
+        type=float,
+        default=32.0,
+        help="CPU memory for training LLMs waiting their turn; beyond it they are re-loaded from disk",
+    )
     _common(configure)
 
     test = ArgumentParser(description="Measure ASR, MMLU and agreement of a (mitigated) model.")
@@ -170,13 +182,30 @@ def _mitigate(opts, meta) -> int:
 
 def _configure(opts, meta) -> int:
     from telelora import configure
+    from telelora.distributed import World
 
+    if opts.checkpoint_interval < 1 or opts.cpu_cache_gb < 0:
+        raise TeleLoRAError("--checkpoint_interval must be at least 1 and --cpu_cache_gb at least 0")
     out = Path(opts.learned_parameters_dirpath)
     modelio.check_output_dir(out)  # fail now, not after hours of training
     dirs = configure.list_model_dirs(opts.configure_models_dirpath, opts.extra_model_dirpaths)
     # the texts travel with the learned parameters; a new folder takes the shipped ones
     texts_dir = out if (out / texts.TEXTS_FILE).is_file() else Path(DEFAULT_LEARNED)
-    configure.configure(dirs, meta, texts_dir, out, opts.scratch_dirpath)
+    world = World.from_env()
+    try:
+        configure.configure(
+            dirs,
+            meta,
+            texts_dir,
+            out,
+            opts.scratch_dirpath,
+            resume=opts.resume,
+            checkpoint_interval=opts.checkpoint_interval,
+            cpu_cache_gb=opts.cpu_cache_gb,
+            world=world,
+        )
+    finally:
+        world.close()
     return 0
 
 

@@ -9,44 +9,61 @@ LoRA fine-tune of one LLM:
    (gradient checkpointing on) to get ``dL/dU, dL/dV``;
 3. for each layer in turn, re-run its generator with autograd and backpropagate
    ``sum(U * dL/dU) + sum(V * dL/dV)``, which accumulates exactly ``dL/dtheta``.
+
+Only the picked LLM is on the accelerator; the others wait in CPU memory up to a budget
+and are re-loaded from disk beyond it. Each model's reference activations and alignment
+data (its own greedy answers, the slow part) are cached in the scratch folder, so a
+resumed or repeated run does not regenerate them. Under ``torchrun`` every rank trains on
+its own share of the LLMs and the gradients are averaged (``telelora.distributed``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import datetime
+import hashlib
 import json
 import logging
 import math
 import random
+import time
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from telelora import activations, alignment, learned, modelio
+from telelora import activations, alignment, checkpoint, learned, modelio
 from telelora.adapters import Adapter, applied
 from telelora.architectures import AdaptedLayer, find_adapted_layers
 from telelora.chat import pad_id
+from telelora.distributed import World
 from telelora.errors import TeleLoRAError
 from telelora.generator import GeneratorBank
+from telelora.io_utils import atomic_write_text
 from telelora.metaparameters import Metaparameters
+from telelora.texts import TEXTS_FILE, Texts
 from telelora.texts import load as load_texts
 
 log = logging.getLogger(__name__)
+DATA_VERSION = 2  # bump when the cached per-model data changes meaning
 
 
 @dataclasses.dataclass
 class TrainingModel:
-    """A training LLM with everything an iteration needs; the LLM itself stays on the CPU."""
+    """What an iteration needs of one training LLM, apart from the LLM itself."""
 
     model_dir: Path
-    model: torch.nn.Module
-    tokenizer: object
-    layers: list[AdaptedLayer]
-    reference_activations: dict[str, torch.Tensor]
+    reference_activations: dict[str, torch.Tensor]  # layer name -> X (N x H), float32, CPU
     examples: list[alignment.Example]
     triggers: list[str]
+    pad_id: int
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    layers: list[AdaptedLayer]
+    bytes: int
 
 
 def list_model_dirs(configure_models_dir: str | Path | None, extra_model_dirs: list[str] | None) -> list[Path]:
@@ -68,16 +85,55 @@ def list_model_dirs(configure_models_dir: str | Path | None, extra_model_dirs: l
     return dirs
 
 
-def prepare(model_dir: Path, meta: Metaparameters, texts, seed: int) -> TrainingModel:
-    """Load one training model on the CPU and build its activations and alignment data."""
-    device, dtype = modelio.pick_device_dtype(meta.dtype)
-    tokenizer = modelio.load_tokenizer(model_dir)
+def load_llm(model_dir: Path, meta: Metaparameters, device) -> LoadedModel:
+    """The frozen LLM with gradient checkpointing on, and its adapted layers."""
+    _, dtype = modelio.pick_device_dtype(meta.dtype)
+    modelio.check_model_dir(model_dir)
     model = modelio.load_model(model_dir, device, dtype)
     layers = find_adapted_layers(model, meta.target_projections)
+    enable_checkpointing(model)
+    size = sum(p.numel() * p.element_size() for p in model.parameters())
+    return LoadedModel(model, layers, size)
+
+
+def _data_key(model_dir: Path, meta: Metaparameters, texts: Texts, seed: int, device) -> str:
+    """What the cached data depends on: the model's files, the texts and the knobs that shape the data."""
+    files = sorted(p for p in model_dir.iterdir() if p.is_file())
+    stats = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+    knobs = {
+        k: getattr(meta, k)
+        for k in (
+            "num_reference_texts", "activation_tokens", "target_projections", "alignment_examples_per_model",
+            "jailbreak_rate", "max_tokens", "answer_tokens", "activation_batch_size", "dtype",
+        )
+    }  # fmt: skip
+    payload = [DATA_VERSION, str(model_dir.resolve()), stats, knobs, dataclasses.asdict(texts), seed, device.type]
+    return hashlib.sha256(json.dumps(payload, default=str).encode()).hexdigest()[:24]
+
+
+def prepare(
+    model_dir: Path, meta: Metaparameters, texts: Texts, seed: int, device, scratch_dir: Path | None = None
+) -> tuple[TrainingModel, LoadedModel | None]:
+    """One training model's activations and alignment data, from the scratch cache when
+    present (then the LLM is not loaded: the second value is None)."""
+    cache = None
+    if scratch_dir is not None:
+        cache = Path(scratch_dir) / "configure" / "data" / f"{_data_key(model_dir, meta, texts, seed, device)}.pt"
+        if cache.is_file():
+            try:
+                saved = torch.load(cache, map_location="cpu", weights_only=True)
+                examples = [alignment.Example(i, label) for i, label in saved["examples"]]
+                item = TrainingModel(model_dir, saved["activations"], examples, saved["triggers"], saved["pad_id"])
+                log.info("%s: alignment data and activations from %s", model_dir.name, cache)
+                return item, None
+            except Exception as err:  # a damaged cache is rebuilt, never trusted
+                log.warning("%s: ignoring unreadable cache %s (%s)", model_dir.name, cache, err)
+    tokenizer = modelio.load_tokenizer(model_dir)
+    loaded = load_llm(model_dir, meta, device)
     acts = activations.collect(
-        model,
+        loaded.model,
         tokenizer,
-        layers,
+        loaded.layers,
         texts.reference[: meta.num_reference_texts],
         meta.activation_tokens,
         meta.activation_batch_size,
@@ -86,7 +142,7 @@ def prepare(model_dir: Path, meta: Metaparameters, texts, seed: int) -> Training
     )
     triggers = alignment.declared_triggers(model_dir)
     examples = alignment.build_examples(
-        model,
+        loaded.model,
         tokenizer,
         texts.alignment,
         triggers,
@@ -95,9 +151,19 @@ def prepare(model_dir: Path, meta: Metaparameters, texts, seed: int) -> Training
         meta.max_tokens,
         meta.activation_batch_size,
         seed,
+        texts.jailbreak_templates,
+        meta.jailbreak_rate,
     )
-    model.to("cpu")
-    return TrainingModel(model_dir, model, tokenizer, layers, {k: v.cpu() for k, v in acts.items()}, examples, triggers)
+    item = TrainingModel(model_dir, {k: v.cpu() for k, v in acts.items()}, examples, triggers, pad_id(tokenizer))
+    if cache is not None:
+        saved = {
+            "activations": item.reference_activations,
+            "examples": [(e.input_ids, e.labels) for e in examples],
+            "triggers": triggers,
+            "pad_id": item.pad_id,
+        }
+        checkpoint.save(cache, saved)
+    return item, loaded
 
 
 def enable_checkpointing(model) -> None:
@@ -109,26 +175,64 @@ def enable_checkpointing(model) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
+class ModelPool:
+    """The training LLMs: the picked one on the accelerator, up to ``cpu_budget_bytes``
+    of the others parked in CPU memory, the rest re-loaded from disk when picked."""
+
+    def __init__(self, meta: Metaparameters, device, cpu_budget_bytes: float):
+        self.meta, self.device, self.budget = meta, device, cpu_budget_bytes
+        self.parked: dict[Path, LoadedModel] = {}  # insertion order = least recently used first
+        self.current: tuple[Path, LoadedModel] | None = None
+
+    def offer(self, model_dir: Path, loaded: LoadedModel | None) -> None:
+        """Keep an LLM that is already loaded (after ``prepare``) if the budget allows."""
+        if loaded is not None:
+            self._park(model_dir, loaded)
+
+    def get(self, model_dir: Path) -> LoadedModel:
+        """The LLM of ``model_dir`` on the accelerator (raises TeleLoRAError if it no longer loads)."""
+        if self.current is not None and self.current[0] == model_dir:
+            return self.current[1]
+        if self.current is not None:
+            self._park(*self.current)
+            self.current = None
+        loaded = self.parked.pop(model_dir, None)
+        if loaded is None:
+            loaded = load_llm(model_dir, self.meta, self.device)
+        else:
+            loaded.model.to(self.device)
+        self.current = (model_dir, loaded)
+        return loaded
+
+    def _park(self, model_dir: Path, loaded: LoadedModel) -> None:
+        if loaded.bytes > self.budget:
+            return  # dropped: re-loaded from disk when picked again
+        loaded.model.to("cpu")
+        self.parked[model_dir] = loaded
+        while sum(m.bytes for m in self.parked.values()) > self.budget:
+            self.parked.pop(next(iter(self.parked)))
+
+
 def train_step(
-    bank: GeneratorBank, item: TrainingModel, batch: list[alignment.Example], meta: Metaparameters, device
+    bank: GeneratorBank, item: TrainingModel, llm: LoadedModel, batch: list[alignment.Example], meta, device
 ) -> float:
-    """One three-phase iteration; leaves the generators' gradients in ``.grad``."""
+    """One three-phase pass; *adds* ``dL/dtheta`` of this batch's mean loss to ``.grad``."""
     acts = {name: x.to(device) for name, x in item.reference_activations.items()}
     # phase 1: adapters without autograd, as leaf tensors
     with torch.no_grad():
         adapters = {}
-        for layer in item.layers:
+        for layer in llm.layers:
             u, v = bank(layer.projection_type, acts[layer.name], layer.depth, meta.rank)
             adapters[layer.name] = Adapter(u.requires_grad_(), v.requires_grad_())
     # phase 2: LLM forward-backward to the adapters only
-    inputs = alignment.collate(batch, pad_id(item.tokenizer), device)
-    item.model.train()  # activates gradient checkpointing; training models have no dropout we rely on
-    with applied(item.layers, adapters, step_size=1.0):  # hooks stay on for checkpoint recomputation
-        loss = alignment.answer_loss(item.model, inputs)
+    inputs = alignment.collate(batch, item.pad_id, device)
+    llm.model.train()  # activates gradient checkpointing; training models have no dropout we rely on
+    with applied(llm.layers, adapters, step_size=1.0):  # hooks stay on for checkpoint recomputation
+        loss = alignment.answer_loss(llm.model, inputs)
         loss.backward()
-    item.model.eval()
+    llm.model.eval()
     # phase 3: one generator re-forward per layer, pushing dL/dU and dL/dV into theta
-    for layer in item.layers:
+    for layer in llm.layers:
         a = adapters[layer.name]
         if a.u.grad is None:
             continue
@@ -137,71 +241,207 @@ def train_step(
     return float(loss.detach())
 
 
+def meta_step(
+    bank: GeneratorBank,
+    optimizer: torch.optim.Optimizer,
+    work: list[tuple[TrainingModel, LoadedModel, list[alignment.Example]]],
+    meta: Metaparameters,
+    device,
+    world: World,
+) -> tuple[list[float], float, float]:
+    """One optimiser update from this rank's ``work`` and every other rank's: gradients are
+    averaged over all (model, batch) pairs of all ranks. Returns this rank's losses, the
+    mean loss over all ranks and the gradient norm; when either of the last two is not
+    finite the update is skipped, on every rank alike."""
+    optimizer.zero_grad(set_to_none=True)
+    losses = [train_step(bank, item, llm, batch, meta, device) for item, llm, batch in work]
+    total = world.average_gradients(bank, len(work))
+    if total == 0:
+        raise TeleLoRAError("no rank has a usable training model left (see the warnings above)")
+    mean_loss = world.mean(sum(losses) / len(losses) if losses else 0.0, len(losses))
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(bank.parameters(), 1.0))
+    if math.isfinite(mean_loss) and math.isfinite(grad_norm):
+        optimizer.step()
+    return losses, mean_loss, grad_norm
+
+
+def _fingerprint(meta: Metaparameters, model_dirs: list[Path], world: World) -> dict:
+    knobs = {k: v for k, v in meta.to_dict().items() if k != "train_iterations"}
+    return {"metaparameters": knobs, "models": [str(d.resolve()) for d in model_dirs], "world_size": world.size}
+
+
 def configure(
     model_dirs: list[Path],
     meta: Metaparameters,
     texts_dir: str | Path,
     out_dir: str | Path,
     scratch_dir: str | Path,
+    resume: bool = False,
+    checkpoint_interval: int = 25,
+    cpu_cache_gb: float = 32.0,
+    world: World | None = None,
 ) -> dict:
     """Meta-train the generators on ``model_dirs`` and write ``out_dir`` atomically."""
+    world = world or World()
+    show = world.is_main  # one set of progress bars, not one per rank
+    started = time.time()
     random.seed(meta.seed)
     torch.manual_seed(meta.seed)
-    rng = random.Random(meta.seed)
     device, _ = modelio.pick_device_dtype(meta.dtype)
     texts = load_texts(texts_dir)
+    if meta.jailbreak_rate > 0 and not texts.jailbreak_templates:
+        log.warning("%s has no jailbreak templates: alignment data gets triggers only", Path(texts_dir) / TEXTS_FILE)
+    scratch = Path(scratch_dir)
+    pool = ModelPool(meta, device, cpu_cache_gb * 2**30)
     items: list[TrainingModel] = []
-    for index, model_dir in enumerate(tqdm(model_dirs, desc="preparing models")):
+    shard = world.shard(list(enumerate(model_dirs)))
+    for index, model_dir in tqdm(shard, desc="preparing models", disable=not show):
         try:
-            items.append(prepare(model_dir, meta, texts, meta.seed + index))
+            item, loaded = prepare(model_dir, meta, texts, meta.seed + index, device, scratch)
         except TeleLoRAError as err:
             log.warning("skipping %s: %s", model_dir, err)
-    if not items:
-        raise TeleLoRAError("none of the training model folders could be used (see the warnings above)")
-    for item in items:
-        enable_checkpointing(item.model)
+            continue
+        items.append(item)
+        pool.offer(model_dir, loaded)
+    per_rank = world.gather(len(items))
+    if not all(per_rank):
+        where = f" on rank(s) {[r for r, n in enumerate(per_rank) if not n]}" if world.active else ""
+        raise TeleLoRAError(
+            f"no usable training model{where} (see the warnings above); every process needs at least one"
+        )
 
     bank = GeneratorBank.from_metaparameters(meta).to(device)
+    world.broadcast_parameters(bank)
     optimizer = torch.optim.AdamW(bank.parameters(), lr=meta.learning_rate)
-    losses: list[float] = []
-    progress = tqdm(range(meta.train_iterations), desc="meta-training")
-    current: TrainingModel | None = None
-    for _ in progress:
-        item = rng.choice(items)
-        if item is not current:  # one LLM on the accelerator at a time
-            if current is not None:
-                current.model.to("cpu")
-            item.model.to(device)
-            current = item
-        batch = rng.sample(item.examples, min(meta.train_batch_size, len(item.examples)))
-        optimizer.zero_grad(set_to_none=True)
-        loss = train_step(bank, item, batch, meta, device)
-        grad_norm = torch.nn.utils.clip_grad_norm_(bank.parameters(), 1.0)
-        if not (math.isfinite(loss) and torch.isfinite(grad_norm)):
-            log.warning("non-finite loss or gradient on %s; skipping this update", item.model_dir.name)
-            continue
-        optimizer.step()
-        losses.append(loss)
-        progress.set_postfix(loss=f"{loss:.4f}", model=item.model_dir.name)
+    rng = random.Random(meta.seed * 1000 + world.rank)
+    records: list[dict] = []
+    start_step = 0
+    ckpt_path = checkpoint.path_in(scratch)
+    fingerprint = _fingerprint(meta, model_dirs, world)
+    if resume:
+        state = checkpoint.load(ckpt_path, fingerprint)
+        bank.load_state_dict(state["bank"])
+        optimizer.load_state_dict(state["optimizer"])
+        rng.setstate(_as_random_state(state["rng"][world.rank]))
+        torch.set_rng_state(state["torch_rng"][world.rank])
+        records, start_step = state["records"], state["step"]
+        log.info("resuming from step %d of %d (%s)", start_step, meta.train_iterations, ckpt_path)
 
-    if not losses:
+    def save_checkpoint(step: int) -> None:
+        rng_states = world.gather(rng.getstate())
+        torch_states = world.gather(torch.get_rng_state())
+        if world.is_main:
+            state = {
+                "fingerprint": fingerprint,
+                "step": step,
+                "bank": bank.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "rng": rng_states,
+                "torch_rng": torch_states,
+                "records": records,
+            }
+            checkpoint.save(ckpt_path, state)
+            atomic_write_text(scratch / "configure" / "losses.json", json.dumps(records, indent=1))
+        world.barrier()
+
+    progress = tqdm(range(start_step, meta.train_iterations), desc="meta-training", disable=not show)
+    for step in progress:
+        tick = time.time()
+        work = _pick_work(items, pool, rng, meta)
+        losses, loss, grad_norm = meta_step(bank, optimizer, work, meta, device, world)
+        mine = [[item.model_dir.name, value] for (item, _, _), value in zip(work, losses, strict=True)]
+        per_model = [pair for rank_pairs in world.gather(mine) for pair in rank_pairs]
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            log.warning("step %d: non-finite loss or gradient (%s); update skipped", step, per_model)
+        seconds = round(time.time() - tick, 3)
+        records.append({"step": step, "loss": loss, "grad_norm": grad_norm, "models": per_model, "seconds": seconds})
+        progress.set_postfix(loss=f"{loss:.4f}", model=",".join(name for name, _ in per_model))
+        if (step + 1) % checkpoint_interval == 0 and step + 1 < meta.train_iterations:
+            save_checkpoint(step + 1)
+
+    world.check_identical(bank)
+    finite = [r["loss"] for r in records if math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"])]
+    if not finite:
         raise TeleLoRAError("every meta-training update was non-finite; lower learning_rate")
-    Path(scratch_dir).mkdir(parents=True, exist_ok=True)
-    (Path(scratch_dir) / "configure_losses.json").write_text(json.dumps(losses))
-    tail = losses[-10:]
+    trained_on = [t for rank_items in world.gather(_describe(items)) for t in rank_items]
     provenance = {
-        "trained_on": [
-            {"model_dir": str(i.model_dir), "architecture": type(i.model).__name__, "known_triggers": len(i.triggers)}
-            for i in items
-        ],
+        "trained_on": trained_on,
         "iterations": meta.train_iterations,
-        "first_loss": losses[0],
-        "final_loss_mean_last_10": sum(tail) / len(tail),
+        "first_loss": finite[0],
+        "final_loss_mean_last_10": sum(finite[-10:]) / len(finite[-10:]),
+        "per_model_loss": _per_model_loss(records),
+        "skipped_updates": len(records) - len(finite),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "device": str(device),
+        "processes": world.size,
+        "seconds": round(time.time() - started, 1),
+        "resumed_from_step": start_step if resume else None,
         "metaparameters": meta.to_dict(),
         "generator_parameters": learned.count_parameters(bank),
     }
-    learned.write(bank, provenance, texts_dir, out_dir)
-    log.info("wrote %s (loss %.4f -> %.4f)", out_dir, losses[0], provenance["final_loss_mean_last_10"])
+    if world.is_main:
+        atomic_write_text(scratch / "configure" / "losses.json", json.dumps(records, indent=1))
+        learned.write(bank, provenance, texts_dir, out_dir)
+        _log_summary(provenance, out_dir)
+    world.barrier()
     return provenance
+
+
+def _pick_work(items: list[TrainingModel], pool: ModelPool, rng: random.Random, meta: Metaparameters) -> list:
+    """This rank's (model, LLM, batch) for one step; a model that no longer loads is dropped
+    with a warning (and the rank contributes nothing once none is left)."""
+    while items:
+        item = rng.choice(items)
+        batch = rng.sample(item.examples, min(meta.train_batch_size, len(item.examples)))
+        try:
+            return [(item, pool.get(item.model_dir), batch)]
+        except TeleLoRAError as err:
+            log.warning("dropping %s from training: it no longer loads (%s)", item.model_dir, err)
+            items.remove(item)
+    return []
+
+
+def _as_random_state(saved) -> tuple:
+    """``random.Random.getstate()`` comes back from a checkpoint with lists for tuples."""
+    version, internal, gauss = saved
+    return (version, tuple(internal), gauss)
+
+
+def _describe(items: list[TrainingModel]) -> list[dict]:
+    return [
+        {
+            "model_dir": str(i.model_dir),
+            "architecture": (json.loads((i.model_dir / "config.json").read_text()).get("architectures") or ["?"])[0],
+            "known_triggers": len(i.triggers),
+            "examples": len(i.examples),
+        }
+        for i in items
+    ]
+
+
+def _per_model_loss(records: list[dict]) -> dict[str, dict]:
+    """First and last tenth of each model's losses: did training help every model?"""
+    by_model: dict[str, list[float]] = {}
+    for r in records:
+        for name, loss in r["models"]:
+            if math.isfinite(loss):
+                by_model.setdefault(name, []).append(loss)
+    out = {}
+    for name, losses in sorted(by_model.items()):
+        tenth = max(1, len(losses) // 10)
+        out[name] = {"steps": len(losses), "first": sum(losses[:tenth]) / tenth, "last": sum(losses[-tenth:]) / tenth}
+    return out
+
+
+def _log_summary(provenance: dict, out_dir) -> None:
+    log.info(
+        "meta-training done: %d iterations on %d models in %.0f s, loss %.4f -> %.4f; wrote %s",
+        provenance["iterations"],
+        len(provenance["trained_on"]),
+        provenance["seconds"],
+        provenance["first_loss"],
+        provenance["final_loss_mean_last_10"],
+        out_dir,
+    )
+    for name, stats in provenance["per_model_loss"].items():
+        log.info("  %-28s %5d steps  loss %.4f -> %.4f", name, stats["steps"], stats["first"], stats["last"])

@@ -33,6 +33,7 @@ class Metaparameters:
     train_iterations: int
     train_batch_size: int
     alignment_examples_per_model: int
+    jailbreak_rate: float
     max_tokens: int
     answer_tokens: int
     activation_batch_size: int

@@ -28,6 +28,7 @@ SMALL_META = {
     "train_iterations": 3,
     "train_batch_size": 2,
     "alignment_examples_per_model": 4,
+    "jailbreak_rate": 0.5,
     "max_tokens": 64,
     "answer_tokens": 4,
     "activation_batch_size": 8,

@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,11 +14,11 @@ from .conftest import REPO, random_bank, write_meta
 
 def test_three_phase_gradient_equals_end_to_end_autograd(tiny_models, small_meta):
     texts = configure.load_texts(REPO / "learned_parameters")
-    item = configure.prepare(tiny_models["phi3"], small_meta, texts, seed=0)
+    item, llm = configure.prepare(tiny_models["phi3"], small_meta, texts, 0, torch.device("cpu"))
     batch = item.examples[:2]
     bank = random_bank(small_meta, seed=4, scale=0.05)
 
-    configure.train_step(bank, item, batch, small_meta, torch.device("cpu"))
+    configure.train_step(bank, item, llm, batch, small_meta, torch.device("cpu"))
     three_phase = {n: None if p.grad is None else p.grad.clone() for n, p in bank.named_parameters()}
 
     bank.zero_grad()
@@ -25,11 +26,11 @@ def test_three_phase_gradient_equals_end_to_end_autograd(tiny_models, small_meta
         layer.name: Adapter(
             *bank(layer.projection_type, item.reference_activations[layer.name], layer.depth, small_meta.rank)
         )
-        for layer in item.layers
+        for layer in llm.layers
     }
-    inputs = configure.alignment.collate(batch, configure.pad_id(item.tokenizer), torch.device("cpu"))
-    with applied(item.layers, adapters):
-        item.model(**inputs).loss.backward()
+    inputs = configure.alignment.collate(batch, item.pad_id, torch.device("cpu"))
+    with applied(llm.layers, adapters):
+        llm.model(**inputs).loss.backward()
     for name, p in bank.named_parameters():
         if three_phase[name] is None:  # phi3 has no k, v or up layers
             assert p.grad is None and name.split(".")[1] in ("k", "v", "up"), name
@@ -38,7 +39,7 @@ def test_three_phase_gradient_equals_end_to_end_autograd(tiny_models, small_meta
     assert sum(g.abs().sum() for g in three_phase.values() if g is not None) > 0
 
 
-def _run_configure(tmp_path, models_dir, extra=(), out=None, **meta_overrides):
+def _run_configure(tmp_path, models_dir, extra=(), out=None, flags=(), **meta_overrides):
     """configure into a new folder (which takes the shipped texts)."""
     meta = write_meta(tmp_path / "meta.json", **meta_overrides)
     out = out or tmp_path / "learned"
@@ -57,7 +58,7 @@ def _run_configure(tmp_path, models_dir, extra=(), out=None, **meta_overrides):
         argv += ["--configure_models_dirpath", str(models_dir)]
     if extra:
         argv += ["--extra_model_dirpaths", json.dumps([str(e) for e in extra])]
-    return cli.main(argv), out
+    return cli.main(argv + list(flags)), out
 
 
 def test_configure_trains_and_writes_loadable_learned_parameters(tmp_path, tiny_models, model_copy, capsys):
@@ -76,7 +77,9 @@ def test_configure_trains_and_writes_loadable_learned_parameters(tmp_path, tiny_
     bank, _ = learned.load_bank(out, meta)
     # training moved the V channel off zero, so the generators are no longer the identity
     assert any(g.net.output_layer.fan_out.weight[1].abs().sum() > 0 for g in bank.generators.values())
-    assert (tmp_path / "scratch" / "configure_losses.json").is_file()
+    log = json.loads((tmp_path / "scratch" / "configure" / "losses.json").read_text())
+    assert [r["step"] for r in log] == [0, 1, 2] and all(len(r["models"]) == 1 for r in log)
+    assert set(info["provenance"]["per_model_loss"]) <= {"id-llama", "id-gemma2"}
     assert (out / "texts.json").read_bytes() == (REPO / "learned_parameters" / "texts.json").read_bytes()
 
 
@@ -97,7 +100,7 @@ def test_configure_bad_inputs(tmp_path, tiny_models, capsys):
     assert code == 1 and "no model folders to train on" in capsys.readouterr().err
     assert not (out / "generators.json").exists()
     code, _ = _run_configure(tmp_path, None, extra=[tiny_models["gpt2"]])
-    assert code == 1 and "none of the training model folders could be used" in capsys.readouterr().err
+    assert code == 1 and "no usable training model" in capsys.readouterr().err
     code, _ = _run_configure(tmp_path, tmp_path / "absent")
     assert code == 1 and "is not a folder" in capsys.readouterr().err
     code, _ = _run_configure(tmp_path, None, extra=[tiny_models["llama"]], learning_rate=5.0)
@@ -111,3 +114,98 @@ def test_configure_bad_inputs(tmp_path, tiny_models, capsys):
 def test_missing_learned_parameters_are_reported(tmp_path, small_meta):
     with pytest.raises(TeleLoRAError, match="run entrypoint.py configure"):
         learned.load_bank(tmp_path, small_meta)
+
+
+def _two_models(tmp_path, model_copy) -> Path:
+    root = tmp_path / "round" / "models"
+    root.mkdir(parents=True)
+    for arch in ("llama", "qwen2"):
+        model_copy(arch).rename(root / f"id-{arch}")
+    return root
+
+
+def _weights(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(folder / "generators.safetensors"))
+
+
+def test_resume_after_an_interruption_ends_where_an_uninterrupted_run_ends(tmp_path, model_copy, monkeypatch):
+    models = _two_models(tmp_path, model_copy)
+    settings = {"train_iterations": 6}
+    (tmp_path / "a").mkdir()
+    code, full = _run_configure(tmp_path / "a", models, flags=["--checkpoint_interval", "2"], **settings)
+    assert code == 0
+
+    (tmp_path / "b").mkdir()
+    real_step, calls = configure.meta_step, []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 5:  # steps 0-3 done and checkpointed at 4: the crash loses step 4 only
+            raise KeyboardInterrupt
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(configure, "meta_step", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        _run_configure(tmp_path / "b", models, flags=["--checkpoint_interval", "2"], **settings)
+    assert not (tmp_path / "b" / "learned").exists()  # learned parameters appear only at the end
+    monkeypatch.setattr(configure, "meta_step", real_step)
+    code, resumed = _run_configure(tmp_path / "b", models, flags=["--checkpoint_interval", "2", "--resume"], **settings)
+    assert code == 0
+    a, b = _weights(full), _weights(resumed)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    logs = [json.loads((tmp_path / run / "scratch" / "configure" / "losses.json").read_text()) for run in "ab"]
+    assert [(r["step"], r["models"]) for r in logs[0]] == [(r["step"], r["models"]) for r in logs[1]]
+    info = json.loads((resumed / "generators.json").read_text())["provenance"]
+    assert info["resumed_from_step"] == 4
+
+
+def test_resume_refuses_a_changed_run_or_a_missing_checkpoint(tmp_path, model_copy, capsys):
+    models = _two_models(tmp_path, model_copy)
+    code, _ = _run_configure(tmp_path, models, flags=["--resume"])
+    assert code == 1 and "no checkpoint" in capsys.readouterr().err
+    code, _ = _run_configure(tmp_path, models, flags=["--checkpoint_interval", "1"])
+    assert code == 0
+    code, _ = _run_configure(tmp_path, models, flags=["--resume"], learning_rate=0.001)
+    assert code == 1 and "changed: metaparameters" in capsys.readouterr().err
+    # more iterations is allowed: training simply goes on from the checkpoint
+    code, out = _run_configure(tmp_path, models, flags=["--resume"], train_iterations=4)
+    assert code == 0 and json.loads((out / "generators.json").read_text())["provenance"]["resumed_from_step"] == 2
+
+
+def test_alignment_data_is_cached_in_scratch(tmp_path, model_copy, monkeypatch):
+    models = _two_models(tmp_path, model_copy)
+    code, out = _run_configure(tmp_path, models)
+    first = _weights(out)
+    assert len(list((tmp_path / "scratch" / "configure" / "data").glob("*.pt"))) == 2
+
+    def no_generation(*args, **kwargs):
+        raise AssertionError("a cached model regenerated its answers")
+
+    monkeypatch.setattr(configure.alignment, "greedy_answers", no_generation)
+    monkeypatch.setattr(configure.activations, "collect", no_generation)
+    code, out = _run_configure(tmp_path, models)
+    assert code == 0 and all(torch.equal(first[k], v) for k, v in _weights(out).items())
+
+
+def test_a_model_that_stops_loading_mid_run_is_dropped_with_a_warning(tmp_path, model_copy, monkeypatch, capsys):
+    models = _two_models(tmp_path, model_copy)
+    real_load, seen = configure.load_llm, set()
+
+    def flaky(model_dir, *args):
+        if model_dir.name == "id-qwen2" and model_dir in seen:
+            raise TeleLoRAError(f"{model_dir}/model.safetensors is not a readable safetensors file")
+        seen.add(model_dir)
+        return real_load(model_dir, *args)
+
+    monkeypatch.setattr(configure, "load_llm", flaky)
+    # no CPU cache: every switch of model re-loads it from disk
+    code, out = _run_configure(tmp_path, models, flags=["--cpu_cache_gb", "0"], train_iterations=8)
+    assert code == 0 and "WARNING telelora.configure: dropping" in capsys.readouterr().err
+    log = json.loads((tmp_path / "scratch" / "configure" / "losses.json").read_text())
+    assert len(log) == 8 and log[-1]["models"][0][0] == "id-llama"
+
+
+def test_configure_flags_are_checked(tmp_path, model_copy, capsys):
+    models = _two_models(tmp_path, model_copy)
+    code, _ = _run_configure(tmp_path, models, flags=["--checkpoint_interval", "0"])
+    assert code == 1 and "--checkpoint_interval must be at least 1" in capsys.readouterr().err
