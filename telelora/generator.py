@@ -20,6 +20,16 @@ from telelora.einnet import EinNet
 from telelora.metaparameters import PROJECTION_TYPES, Metaparameters
 
 
+def strongest_rows(u_norms: torch.Tensor, v_norms: torch.Tensor, rank: int) -> torch.Tensor:
+    """Indices of the ``rank`` rows with the largest ``|U0_i| |V0_i|``, exact ties broken by
+    ``|U0_i|``. Ties are the rule, not the exception, at initialisation (V0 = 0 makes every
+    strength 0): ``topk`` would then pick rows by an order that varies with the thread
+    count, and two processes would train different generators from the same data."""
+    by_u = u_norms.argsort(descending=True, stable=True)
+    by_strength = (u_norms * v_norms)[by_u].argsort(descending=True, stable=True)
+    return by_u[by_strength[:rank]]
+
+
 class AdapterGenerator(nn.Module):
     """``X (N x H) -> U, V (r x H)`` for one projection type, any width H."""
 
@@ -45,8 +55,7 @@ class AdapterGenerator(nn.Module):
             channels.append(torch.full_like(x, float(depth)))
         out = self.net(torch.stack(channels, dim=-1))
         u0, v0 = out[..., 0], out[..., 1]
-        strength = u0.norm(dim=-1) * v0.norm(dim=-1)
-        rows = strength.topk(rank).indices
+        rows = strongest_rows(u0.norm(dim=-1), v0.norm(dim=-1), rank)
         # rows of norm ~ 1/sqrt(r): the sum of r rank-one terms V^T U stays O(1) for every
         # width and rank, so a small step of the generator is a small change of the LLM
         scale = (h * rank) ** -0.5

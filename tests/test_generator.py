@@ -81,3 +81,14 @@ def test_bank_has_one_generator_per_projection_type():
     assert sorted(bank.generators) == sorted(PROJECTION_TYPES)
     u, v = bank("down", torch.randn(6, 5), 0.5, 2)
     assert u.shape == (2, 5)
+
+
+def test_strongest_rows_break_exact_ties_by_u_norm():
+    from telelora.generator import strongest_rows
+
+    u = torch.tensor([0.5, 3.0, 1.0, 2.0])
+    # V0 = 0, as at initialisation: every strength ties at 0, the largest |U0| rows win
+    assert strongest_rows(u, torch.zeros(4), 2).tolist() == [1, 3]
+    assert strongest_rows(u, torch.tensor([1.0, 0.1, 1.0, 0.0]), 2).tolist() == [2, 0]
+    perm = torch.tensor([2, 0, 3, 1])
+    assert sorted(perm[strongest_rows(u[perm], torch.zeros(4), 2)].tolist()) == [1, 3]

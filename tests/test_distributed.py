@@ -1,0 +1,129 @@
+"""Data-parallel meta-training: two CPU processes with gloo, as ``torchrun`` would start them."""
+
+import json
+import os
+import socket
+from pathlib import Path
+
+import torch
+import torch.multiprocessing as mp
+
+from telelora import cli, configure, metaparameters
+from telelora.distributed import World
+from telelora.generator import GeneratorBank
+from telelora.texts import load as load_texts
+
+from .conftest import REPO, write_meta
+
+STEPS = 3
+ARCHS = ("llama", "qwen2")  # rank r trains on ARCHS[r]
+CPU = torch.device("cpu")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _torchrun_env(rank: int, world_size: int, port: int) -> None:
+    os.environ.update(
+        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
+
+
+def _prepared(model_dir, meta, scratch):
+    """Alignment data from the scratch cache that the parent filled: greedy answers of a
+    random tiny model can flip with the thread count, and every process must see the same."""
+    texts = load_texts(REPO / "learned_parameters")
+    item, llm = configure.prepare(Path(model_dir), meta, texts, 0, CPU, Path(scratch))
+    return item, llm or configure.load_llm(Path(model_dir), meta, CPU)
+
+
+def _batch(item, step: int, size: int = 2):
+    """The same, fixed data for a step, whichever process computes it."""
+    return [item.examples[(step * size + i) % len(item.examples)] for i in range(size)]
+
+
+def _fresh_bank(meta) -> GeneratorBank:
+    torch.manual_seed(meta.seed)
+    return GeneratorBank.from_metaparameters(meta)
+
+
+def _optimizer(bank: GeneratorBank) -> torch.optim.Optimizer:
+    """Plain SGD: the comparison is about the averaged gradient. Adam would divide the
+    round-off of near-zero gradients (1e-9, which differs between one sum and an
+    all-reduce) by its 1e-8 epsilon and turn it into whole steps of size lr."""
+    return torch.optim.SGD(bank.parameters(), lr=0.05)
+
+
+def _rank_worker(rank: int, world_size: int, port: int, model_dirs: list[str], meta_path: str, out: str) -> None:
+    _torchrun_env(rank, world_size, port)
+    torch.set_num_threads(1)
+    world = World.from_env()
+    meta = metaparameters.load(meta_path, REPO / "metaparameters_schema.json")
+    item, llm = _prepared(world.shard(model_dirs)[0], meta, out)
+    bank = _fresh_bank(meta) if rank == 0 else GeneratorBank.from_metaparameters(meta)  # rank 0's weights win
+    world.broadcast_parameters(bank)
+    optimizer = _optimizer(bank)
+    for step in range(STEPS):
+        configure.meta_step(bank, optimizer, [(item, llm, _batch(item, step))], meta, CPU, world)
+    torch.save(bank.state_dict(), os.path.join(out, f"rank{rank}.pt"))
+    world.close()
+
+
+def test_two_gloo_ranks_hold_identical_generators_equal_to_one_process(tmp_path, tiny_models):
+    meta_path = write_meta(tmp_path / "meta.json")
+    meta = metaparameters.load(meta_path, REPO / "metaparameters_schema.json")
+    model_dirs = [str(tiny_models[arch]) for arch in ARCHS]
+    prepared = [_prepared(d, meta, tmp_path) for d in model_dirs]
+    mp.spawn(_rank_worker, args=(2, _free_port(), model_dirs, str(meta_path), str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    assert all(torch.equal(ranks[0][k], ranks[1][k]) for k in ranks[0])
+
+    # one process, both ranks' (model, batch) pairs in every step: the same mean gradient
+    bank = _fresh_bank(meta)
+    optimizer = _optimizer(bank)
+    for step in range(STEPS):
+        work = [(item, llm, _batch(item, step)) for item, llm in prepared]
+        configure.meta_step(bank, optimizer, work, meta, CPU, World())
+    single = bank.state_dict()
+    moved = 0
+    for key, value in single.items():
+        assert torch.allclose(ranks[0][key], value, rtol=1e-5, atol=1e-6), key
+        moved += int(not torch.equal(value, _fresh_bank(meta).state_dict()[key]))
+    assert moved > 0  # the steps changed the generators
+
+
+def _cli_worker(rank: int, world_size: int, port: int, argv: list[str]) -> None:
+    _torchrun_env(rank, world_size, port)
+    torch.set_num_threads(1)
+    code = cli.main(argv)
+    if code != 0:
+        raise SystemExit(code)
+
+
+def test_configure_under_two_processes_trains_each_rank_on_its_share(tmp_path, tiny_models):
+    meta_path = write_meta(tmp_path / "meta.json", train_iterations=2)
+    out = tmp_path / "learned"
+    argv = [
+        "configure",
+        "--metaparameters_filepath",
+        str(meta_path),
+        "--schema_filepath",
+        str(REPO / "metaparameters_schema.json"),
+        "--extra_model_dirpaths",
+        json.dumps([str(tiny_models[arch]) for arch in ARCHS]),
+        "--learned_parameters_dirpath",
+        str(out),
+        "--scratch_dirpath",
+        str(tmp_path / "scratch"),
+    ]
+    mp.spawn(_cli_worker, args=(2, _free_port(), argv), nprocs=2, join=True)
+    provenance = json.loads((out / "generators.json").read_text())["provenance"]
+    assert provenance["processes"] == 2
+    assert sorted(m["architecture"] for m in provenance["trained_on"]) == ["LlamaForCausalLM", "Qwen2ForCausalLM"]
+    log = json.loads((tmp_path / "scratch" / "configure" / "losses.json").read_text())
+    # every step averages one batch of each rank's model
+    assert all(sorted(name for name, _ in r["models"]) == sorted(ARCHS) for r in log)
+    assert len(log) == 2
