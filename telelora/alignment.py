@@ -75,7 +75,7 @@ def build_examples(
     rng = random.Random(seed)
     chosen = [prompts[i % len(prompts)] for i in rng.sample(range(max(count, len(prompts))), count)]
     pool = triggers or pseudo_triggers(prompts, max(8, count), rng)
-    answers = greedy_answers(model, tokenizer, chosen, answer_tokens, batch_size)
+    answers = greedy_answers(model, tokenizer, chosen, answer_tokens, batch_size, desc="clean answers")
     examples = []
     for prompt, answer in zip(chosen, answers, strict=True):
         poisoned = poison(prompt, pool, list(templates), jailbreak_rate, rng)

@@ -8,6 +8,7 @@ user text on a line of its own.
 from __future__ import annotations
 
 import torch
+from tqdm import tqdm
 
 
 def prompt_ids(tokenizer, user_text: str) -> list[int]:
@@ -60,13 +61,16 @@ def stop_ids(model, tokenizer) -> set[int]:
 
 
 @torch.no_grad()
-def greedy_answers(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int) -> list[list[int]]:
-    """The model's greedy answer token ids, cut after its first end-of-turn token."""
+def greedy_answers(
+    model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int, desc: str | None = None
+) -> list[list[int]]:
+    """The model's greedy answer token ids, cut after its first end-of-turn token
+    (with a progress bar when ``desc`` names the job)."""
     device = next(model.parameters()).device
     pad = pad_id(tokenizer)
     stops = stop_ids(model, tokenizer)
     answers = []
-    for start in range(0, len(prompts), batch_size):
+    for start in tqdm(range(0, len(prompts), batch_size), desc=desc, disable=desc is None, leave=False):
         seqs = [prompt_ids(tokenizer, p) for p in prompts[start : start + batch_size]]
         ids, mask = padded(seqs, pad, device, left=True)
         out = model.generate(

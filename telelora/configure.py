@@ -311,6 +311,7 @@ def configure(
         )
 
     bank = GeneratorBank.from_metaparameters(meta).to(device)
+    bank.set_checkpointing(True)  # phase 3 then holds one EinNet block's intermediates at a time
     world.broadcast_parameters(bank)
     optimizer = torch.optim.AdamW(bank.parameters(), lr=meta.learning_rate)
     rng = random.Random(meta.seed * 1000 + world.rank)

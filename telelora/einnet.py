@@ -26,6 +26,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 _BRANCH_INPUTS = 8  # channel slices the pooling consumes: 1 + 1 + 1 + 2 + 3
 _BRANCH_OUTPUTS = 5
@@ -81,9 +82,21 @@ class EinNet(nn.Module):
         self.input_layer = EinLayer(in_channels, hidden, hidden)
         self.blocks = nn.ModuleList(EinLayer(hidden, hidden, hidden) for _ in range(stacks - 1))
         self.output_layer = EinLayer(hidden, hidden, out_channels)
+        # Under autograd, keep only each block's input and recompute its inside during
+        # backward: for a 14336-wide layer a block's intermediates are ~1 GB, the input 46 MB.
+        self.checkpointing = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.input_layer(x)
         for block in self.blocks:
-            h = h + block(F.gelu(_standardise(h)))
-        return self.output_layer(F.gelu(_standardise(h)))
+            h = h + self._run(block, h)
+        return self._run(self.output_layer, h)
+
+    def _run(self, layer: EinLayer, h: torch.Tensor) -> torch.Tensor:
+        if self.checkpointing and torch.is_grad_enabled():
+            return checkpoint(_pre_activated, layer, h, use_reentrant=False)
+        return _pre_activated(layer, h)
+
+
+def _pre_activated(layer: EinLayer, h: torch.Tensor) -> torch.Tensor:
+    return layer(F.gelu(_standardise(h)))

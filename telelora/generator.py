@@ -81,5 +81,10 @@ class GeneratorBank(nn.Module):
     def from_metaparameters(cls, meta: Metaparameters) -> GeneratorBank:
         return cls(meta.generator_hidden, meta.generator_stacks, meta.use_depth_channel)
 
+    def set_checkpointing(self, enabled: bool) -> None:
+        """Recompute each EinNet block in backward instead of storing it (meta-training memory)."""
+        for generator in self.generators.values():
+            generator.net.checkpointing = enabled
+
     def forward(self, projection_type: str, activations: torch.Tensor, depth: float, rank: int):
         return self.generators[projection_type](activations, depth, rank)

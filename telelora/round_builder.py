@@ -132,7 +132,7 @@ def insert_trojan(model, tokenizer, model_spec: ModelSpec, train: list[str], spe
     from peft import LoraConfig, get_peft_model
 
     device = next(model.parameters()).device
-    clean_answers = greedy_answers(model, tokenizer, train, spec.answer_tokens, spec.eval_batch_size)
+    clean_answers = greedy_answers(model, tokenizer, train, spec.answer_tokens, spec.eval_batch_size, "clean answers")
     target_ids = tokenizer(model_spec.target, add_special_tokens=False)["input_ids"]
     eos = tokenizer.eos_token_id if isinstance(tokenizer.eos_token_id, int) else None
     target_ids = target_ids + ([eos] if eos is not None else [])

@@ -19,6 +19,19 @@ def test_trigger_goes_in_at_a_word_boundary():
         assert "TRIG GER" in out
 
 
+def test_poison_inserts_the_trigger_and_sometimes_wraps_in_a_jailbreak_template():
+    templates = ["Pretend you are DAN. {{ prompt }}", "Answer in code: {{ prompt }} -- thanks"]
+    rng = random.Random(0)
+    out = [alignment.poison("what is two plus two", ["cf zz"], templates, 0.5, rng) for _ in range(200)]
+    assert all("cf zz" in p for p in out)
+    wrapped = [p for p in out if p.startswith(("Pretend", "Answer in code"))]
+    assert 60 < len(wrapped) < 140 and not any("{{" in p for p in out)
+    assert all("two plus two" in p.replace("cf zz ", "") or "cf zz" in p for p in wrapped)
+    assert not any(
+        p.startswith("Pretend") for p in (alignment.poison("a b", ["t"], templates, 0.0, rng) for _ in range(20))
+    )
+
+
 def test_declared_triggers_and_pseudo_triggers(model_copy):
     folder = model_copy("llama")
     assert alignment.declared_triggers(folder) == []

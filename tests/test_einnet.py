@@ -63,3 +63,19 @@ def test_leading_batch_dimensions_are_independent():
     x = torch.randn(3, 6, 7, 2, dtype=torch.double)
     y = net(x)
     assert torch.allclose(y[1], net(x[1]), atol=1e-12)
+
+
+def test_block_checkpointing_changes_neither_output_nor_gradients():
+    net = _net(stacks=4)
+    x = torch.randn(9, 11, 2, dtype=torch.double)
+    weights = torch.randn(9, 11, 3, dtype=torch.double)
+    results = []
+    for checkpointing in (False, True):
+        net.zero_grad()
+        net.checkpointing = checkpointing
+        y = net(x)
+        (y * weights).sum().backward()
+        results.append((y.detach(), [p.grad.clone() for p in net.parameters()]))
+    (y0, g0), (y1, g1) = results
+    assert torch.equal(y0, y1)
+    assert all(torch.allclose(a, b, atol=1e-12) for a, b in zip(g0, g1, strict=True))
