@@ -49,7 +49,13 @@ def ground_truth(model_dir: Path) -> dict:
         pre_asr = json.loads((model_dir / "test_eval_groundtruth.json").read_text())["all_trigger0_asr"]
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise TeleLoRAError(f"{model_dir} lacks the round's ground truth files ({err})") from err
-    return {"poisoned": poisoned, "pre_mmlu": _number(pre_mmlu), "pre_asr": _number(pre_asr)}
+    build = _read_json(model_dir / "build.json") or {}
+    return {
+        "poisoned": poisoned,
+        "pre_mmlu": _number(pre_mmlu),
+        "pre_asr": _number(pre_asr),
+        "pre_mmlu_questions": build.get("mmlu_questions"),
+    }
 
 
 def score(round_dir: str | Path, results_dir: str | Path) -> dict:
@@ -67,6 +73,10 @@ def score(round_dir: str | Path, results_dir: str | Path) -> dict:
         if not isinstance(result, dict):
             result = None
         asr, mmlu, agree = (_number((result or {}).get(k)) for k in ("asr", "mmlu", "agreement"))
+        questions = (result or {}).get("num_mmlu")
+        # pre and post MMLU are paired only on the same questions: test takes the first
+        # --mmlu_questions of one fixed pool, so the same count means the same questions
+        unpaired = None not in (questions, truth["pre_mmlu_questions"]) and questions != truth["pre_mmlu_questions"]
         fidelity, strict = model_fidelity(truth["poisoned"], truth["pre_asr"], truth["pre_mmlu"], asr, mmlu, agree)
         rows.append(
             {
@@ -78,6 +88,7 @@ def score(round_dir: str | Path, results_dir: str | Path) -> dict:
                 "fidelity": fidelity,
                 "strict_fidelity": strict,
                 "missing": result is None,
+                "mmlu_unpaired": unpaired,
             }
         )
     if not rows:
@@ -116,6 +127,12 @@ def format_table(scored: dict) -> str:
             f"{r['mmlu']:6.3f} {r['agreement']:6.3f} {r['fidelity']:8.3f} {r['strict_fidelity']:7.3f}"
         )
     board = scored["leaderboard"]
+    unpaired = [r["model"] for r in scored["models"] if r.get("mmlu_unpaired")]
+    if unpaired:
+        lines.append(
+            f"WARNING: {', '.join(unpaired)}: MMLU measured on another number of questions than the round's "
+            "(run test with --mmlu_questions as in the round spec)"
+        )
     lines.append("")
     lines.append("  ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in board.items()))
     return "\n".join(lines)

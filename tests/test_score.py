@@ -62,3 +62,14 @@ def test_bad_round_folders(tmp_path):
     (tmp_path / "models" / "id-0").mkdir(parents=True)
     with pytest.raises(TeleLoRAError, match="lacks the round's ground truth"):
         score.score(tmp_path, tmp_path)
+
+
+def test_mmlu_on_other_questions_than_the_rounds_is_flagged(tmp_path):
+    round_dir = _round(tmp_path, {"id-0": (True, 0.9, 0.3)})
+    (round_dir / "models" / "id-0" / "build.json").write_text(json.dumps({"mmlu_questions": 300}))
+    results = _results(tmp_path, {"id-0": {"asr": 0.0, "mmlu": 0.3, "agreement": 1.0, "num_mmlu": 100}})
+    scored = score.score(round_dir, results)
+    assert scored["models"][0]["mmlu_unpaired"] is True
+    assert "WARNING: id-0: MMLU measured on another number" in score.format_table(scored)
+    (results / "id-0" / "results.json").write_text(json.dumps({"asr": 0.0, "mmlu": 0.3, "num_mmlu": 300}))
+    assert score.score(round_dir, results)["models"][0]["mmlu_unpaired"] is False
