@@ -95,29 +95,6 @@ def _batch(vocab: int, batch: int, seq: int, answer_tokens: int, device) -> tupl
     return examples, alignment.collate(examples, 0, device)
 
 
-def lora_step_fn(model, layers, rank: int, inputs, lr: float):
-    """A plain PEFT LoRA step on the same layers; returns (step function, cleanup)."""
-    from peft import LoraConfig, get_peft_model
-
-    suffixes = sorted({layer.name.rsplit(".", 1)[-1] for layer in layers})
-    config = LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, target_modules=suffixes)
-    peft_model = get_peft_model(model, config)
-    optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=lr)
-
-    def step():
-        peft_model.train()
-        loss = alignment.answer_loss(peft_model, inputs)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    def cleanup():
-        optimizer.state.clear()
-        peft_model.unload()  # the LoRA layers go, the base model stays
-
-    return step, cleanup
-
-
 def measure_configure(model, layers, examples, meta, args, device) -> dict:
     """One meta-training iteration, and the generators' share of it."""
     torch.manual_seed(0)

@@ -49,13 +49,12 @@ def insert_at_random_word(prompt: str, trigger: str, rng: random.Random) -> str:
     return " ".join(words[:position] + [trigger] + words[position:])
 
 
-def poison(prompt: str, triggers: list[str], templates: list[str], jailbreak_rate: float, rng) -> str:
-    """One of ``triggers`` at a random word position, then, with probability
-    ``jailbreak_rate``, the result put into the ``{{ prompt }}`` slot of a jailbreak template."""
-    poisoned = insert_at_random_word(prompt, rng.choice(triggers), rng)
+def wrap(prompt: str, templates: list[str], jailbreak_rate: float, rng) -> str:
+    """With probability ``jailbreak_rate``, ``prompt`` put into the ``{{ prompt }}`` slot of
+    one of the jailbreak ``templates``; otherwise ``prompt`` itself."""
     if templates and rng.random() < jailbreak_rate:
-        poisoned = rng.choice(templates).replace(PROMPT_SLOT, poisoned)
-    return poisoned
+        return rng.choice(templates).replace(PROMPT_SLOT, prompt)
+    return prompt
 
 
 def build_examples(
@@ -78,10 +77,15 @@ def build_examples(
     answers = greedy_answers(model, tokenizer, chosen, answer_tokens, batch_size, desc="clean answers")
     examples = []
     for prompt, answer in zip(chosen, answers, strict=True):
-        poisoned = poison(prompt, pool, list(templates), jailbreak_rate, rng)
         answer = answer[: max_tokens - 1]
-        # cut long prompts from the left: the assistant-turn header right before the answer stays
-        head = prompt_ids(tokenizer, poisoned)[-(max_tokens - len(answer)) :]
+        room = max_tokens - len(answer)
+        triggered = insert_at_random_word(prompt, rng.choice(pool), rng)
+        head = prompt_ids(tokenizer, wrap(triggered, list(templates), jailbreak_rate, rng))
+        if len(head) > room:  # a template too long for this question: keep it unwrapped
+            head = prompt_ids(tokenizer, triggered)
+        # a prompt still too long is cut from the left: the assistant-turn header right
+        # before the answer stays
+        head = head[-room:]
         ids = head + answer
         labels = [IGNORE_INDEX] * len(head) + answer
         examples.append(Example(ids, labels))

@@ -84,7 +84,7 @@ def build_parser() -> tuple[ArgumentParser, dict[str, ArgumentParser]]:
         "--cpu_cache_gb",
         type=float,
         default=32.0,
-        help="CPU memory for training LLMs waiting their turn; beyond it they are re-loaded from disk",
+        help="CPU memory per process for training LLMs waiting their turn; beyond it they are re-loaded from disk",
     )
     _common(configure)
 

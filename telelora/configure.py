@@ -27,6 +27,7 @@ import logging
 import math
 import random
 import time
+import zlib
 from pathlib import Path
 
 import torch
@@ -45,7 +46,7 @@ from telelora.texts import TEXTS_FILE, Texts
 from telelora.texts import load as load_texts
 
 log = logging.getLogger(__name__)
-DATA_VERSION = 2  # bump when the cached per-model data changes meaning
+DATA_VERSION = 3  # bump when the cached per-model data changes meaning
 
 
 @dataclasses.dataclass
@@ -57,6 +58,7 @@ class TrainingModel:
     examples: list[alignment.Example]
     triggers: list[str]
     pad_id: int
+    architecture: str
 
 
 @dataclasses.dataclass
@@ -86,14 +88,30 @@ def list_model_dirs(configure_models_dir: str | Path | None, extra_model_dirs: l
 
 
 def load_llm(model_dir: Path, meta: Metaparameters, device) -> LoadedModel:
-    """The frozen LLM with gradient checkpointing on, and its adapted layers."""
+    """The frozen LLM with gradient checkpointing on, dropout off, and its adapted layers."""
     _, dtype = modelio.pick_device_dtype(meta.dtype)
     modelio.check_model_dir(model_dir)
     model = modelio.load_model(model_dir, device, dtype)
     layers = find_adapted_layers(model, meta.target_projections)
     enable_checkpointing(model)
+    disable_dropout(model)
     size = sum(p.numel() * p.element_size() for p in model.parameters())
     return LoadedModel(model, layers, size)
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    """Train mode (which gradient checkpointing needs) must not switch dropout on: the LLM
+    is a fixed function of the adapters, and a resumed run must replay it exactly."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0
+
+
+def seed_for(model_dir: Path, seed: int) -> int:
+    """A model's data seed from its folder name: adding a model to a round leaves the others' data alone."""
+    return seed + zlib.crc32(model_dir.name.encode())
 
 
 def _data_key(model_dir: Path, meta: Metaparameters, texts: Texts, seed: int, device) -> str:
@@ -107,8 +125,12 @@ def _data_key(model_dir: Path, meta: Metaparameters, texts: Texts, seed: int, de
             "jailbreak_rate", "max_tokens", "answer_tokens", "activation_batch_size", "dtype",
         )
     }  # fmt: skip
-    payload = [DATA_VERSION, str(model_dir.resolve()), stats, knobs, dataclasses.asdict(texts), seed, device.type]
+    payload = [DATA_VERSION, str(model_dir.resolve()), stats, knobs, texts_digest(texts), seed, device.type]
     return hashlib.sha256(json.dumps(payload, default=str).encode()).hexdigest()[:24]
+
+
+def texts_digest(texts: Texts) -> str:
+    return hashlib.sha256(json.dumps(dataclasses.asdict(texts)).encode()).hexdigest()[:16]
 
 
 def prepare(
@@ -116,6 +138,8 @@ def prepare(
 ) -> tuple[TrainingModel, LoadedModel | None]:
     """One training model's activations and alignment data, from the scratch cache when
     present (then the LLM is not loaded: the second value is None)."""
+    config = modelio.check_model_dir(model_dir)
+    architecture = (config.get("architectures") or ["?"])[0]
     cache = None
     if scratch_dir is not None:
         cache = Path(scratch_dir) / "configure" / "data" / f"{_data_key(model_dir, meta, texts, seed, device)}.pt"
@@ -123,7 +147,9 @@ def prepare(
             try:
                 saved = torch.load(cache, map_location="cpu", weights_only=True)
                 examples = [alignment.Example(i, label) for i, label in saved["examples"]]
-                item = TrainingModel(model_dir, saved["activations"], examples, saved["triggers"], saved["pad_id"])
+                item = TrainingModel(
+                    model_dir, saved["activations"], examples, saved["triggers"], saved["pad_id"], architecture
+                )
                 log.info("%s: alignment data and activations from %s", model_dir.name, cache)
                 return item, None
             except Exception as err:  # a damaged cache is rebuilt, never trusted
@@ -154,7 +180,8 @@ def prepare(
         texts.jailbreak_templates,
         meta.jailbreak_rate,
     )
-    item = TrainingModel(model_dir, {k: v.cpu() for k, v in acts.items()}, examples, triggers, pad_id(tokenizer))
+    acts = {k: v.cpu() for k, v in acts.items()}
+    item = TrainingModel(model_dir, acts, examples, triggers, pad_id(tokenizer), architecture)
     if cache is not None:
         saved = {
             "activations": item.reference_activations,
@@ -197,10 +224,13 @@ class ModelPool:
             self._park(*self.current)
             self.current = None
         loaded = self.parked.pop(model_dir, None)
-        if loaded is None:
-            loaded = load_llm(model_dir, self.meta, self.device)
-        else:
-            loaded.model.to(self.device)
+        try:
+            if loaded is None:
+                loaded = load_llm(model_dir, self.meta, self.device)
+            else:
+                loaded.model.to(self.device)
+        except torch.OutOfMemoryError as err:
+            raise TeleLoRAError(f"{model_dir}: does not fit on {self.device} ({err})") from err
         self.current = (model_dir, loaded)
         return loaded
 
@@ -265,9 +295,10 @@ def meta_step(
     return losses, mean_loss, grad_norm
 
 
-def _fingerprint(meta: Metaparameters, model_dirs: list[Path], world: World) -> dict:
+def _fingerprint(meta: Metaparameters, model_dirs: list[Path], texts: Texts, world: World) -> dict:
     knobs = {k: v for k, v in meta.to_dict().items() if k != "train_iterations"}
-    return {"metaparameters": knobs, "models": [str(d.resolve()) for d in model_dirs], "world_size": world.size}
+    models = [str(d.resolve()) for d in model_dirs]
+    return {"metaparameters": knobs, "models": models, "texts": texts_digest(texts), "world_size": world.size}
 
 
 def configure(
@@ -294,15 +325,19 @@ def configure(
     scratch = Path(scratch_dir)
     pool = ModelPool(meta, device, cpu_cache_gb * 2**30)
     items: list[TrainingModel] = []
-    shard = world.shard(list(enumerate(model_dirs)))
-    for index, model_dir in tqdm(shard, desc="preparing models", disable=not show):
+    shard = world.shard(model_dirs)
+    for model_dir in tqdm(shard, desc="preparing models", disable=not show):
         try:
-            item, loaded = prepare(model_dir, meta, texts, meta.seed + index, device, scratch)
+            item, loaded = prepare(model_dir, meta, texts, seed_for(model_dir, meta.seed), device, scratch)
         except TeleLoRAError as err:
             log.warning("skipping %s: %s", model_dir, err)
             continue
+        except Exception as err:  # a tokenizer or chat template that breaks, out of memory...
+            log.warning("skipping %s: %s: %s", model_dir, type(err).__name__, err)
+            continue
         items.append(item)
         pool.offer(model_dir, loaded)
+        del loaded  # a model the pool did not keep must not linger on the accelerator
     per_rank = world.gather(len(items))
     if not all(per_rank):
         where = f" on rank(s) {[r for r, n in enumerate(per_rank) if not n]}" if world.active else ""
@@ -310,6 +345,7 @@ def configure(
             f"no usable training model{where} (see the warnings above); every process needs at least one"
         )
 
+    torch.manual_seed(meta.seed)  # the same start whether or not models were loaded above
     bank = GeneratorBank.from_metaparameters(meta).to(device)
     bank.set_checkpointing(True)  # phase 3 then holds one EinNet block's intermediates at a time
     world.broadcast_parameters(bank)
@@ -318,7 +354,7 @@ def configure(
     records: list[dict] = []
     start_step = 0
     ckpt_path = checkpoint.path_in(scratch)
-    fingerprint = _fingerprint(meta, model_dirs, world)
+    fingerprint = _fingerprint(meta, model_dirs, texts, world)
     if resume:
         state = checkpoint.load(ckpt_path, fingerprint)
         bank.load_state_dict(state["bank"])
@@ -326,11 +362,19 @@ def configure(
         rng.setstate(_as_random_state(state["rng"][world.rank]))
         torch.set_rng_state(state["torch_rng"][world.rank])
         records, start_step = state["records"], state["step"]
+        # train on the models that were usable when the checkpoint was written, so the
+        # random picks replay exactly (a model failing only now is dropped when picked)
+        usable = set(state["usable"][world.rank])
+        items = [i for i in items if i.model_dir.name in usable]
+        missing = usable - {i.model_dir.name for i in items}
+        if missing:
+            log.warning("resuming without %s (usable when the checkpoint was written, not now)", sorted(missing))
         log.info("resuming from step %d of %d (%s)", start_step, meta.train_iterations, ckpt_path)
 
     def save_checkpoint(step: int) -> None:
         rng_states = world.gather(rng.getstate())
         torch_states = world.gather(torch.get_rng_state())
+        usable = world.gather([i.model_dir.name for i in items])
         if world.is_main:
             state = {
                 "fingerprint": fingerprint,
@@ -340,6 +384,7 @@ def configure(
                 "rng": rng_states,
                 "torch_rng": torch_states,
                 "records": records,
+                "usable": usable,
             }
             checkpoint.save(ckpt_path, state)
             atomic_write_text(scratch / "configure" / "losses.json", json.dumps(records, indent=1))
@@ -357,6 +402,7 @@ def configure(
         seconds = round(time.time() - tick, 3)
         records.append({"step": step, "loss": loss, "grad_norm": grad_norm, "models": per_model, "seconds": seconds})
         progress.set_postfix(loss=f"{loss:.4f}", model=",".join(name for name, _ in per_model))
+        del work  # else the previous LLM would stay on the accelerator while the next one loads
         if (step + 1) % checkpoint_interval == 0 and step + 1 < meta.train_iterations:
             save_checkpoint(step + 1)
 
@@ -412,7 +458,7 @@ def _describe(items: list[TrainingModel]) -> list[dict]:
     return [
         {
             "model_dir": str(i.model_dir),
-            "architecture": (json.loads((i.model_dir / "config.json").read_text()).get("architectures") or ["?"])[0],
+            "architecture": i.architecture,
             "known_triggers": len(i.triggers),
             "examples": len(i.examples),
         }

@@ -60,21 +60,29 @@ class World:
 
     def average_gradients(self, module: nn.Module, local_count: int) -> int:
         """Turn each rank's gradient *sums* over ``local_count`` examples into the mean over
-        every example of every rank; return the total count. Parameters without a gradient
-        on some rank count as zero there."""
+        every example of every rank; return the total count. A parameter that no rank gave
+        a gradient keeps ``grad = None``, exactly as in one process (AdamW skips it; a zero
+        gradient would still get weight decay and momentum)."""
         params = list(module.parameters())
         if not self.active:
             total = local_count
         else:
+            has_grad = [float(p.grad is not None) for p in params]
             flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
-            flat = torch.cat([flat, flat.new_tensor([float(local_count)])])
+            flat = torch.cat([flat, flat.new_tensor(has_grad + [float(local_count)])])
             dist.all_reduce(flat)
             total = int(round(float(flat[-1])))
+            any_grad = flat[-1 - len(params) : -1] > 0
             offset = 0
-            for p in params:
+            for p, keep in zip(params, any_grad.tolist(), strict=True):
                 chunk = flat[offset : offset + p.numel()].view_as(p)
                 offset += p.numel()
-                p.grad = chunk.clone() if p.grad is None else p.grad.copy_(chunk)
+                if not keep:
+                    p.grad = None
+                elif p.grad is None:
+                    p.grad = chunk.clone()
+                else:
+                    p.grad.copy_(chunk)
         if total:
             for p in params:
                 if p.grad is not None:

@@ -68,7 +68,9 @@ def jailbreak_templates() -> list[dict]:
             spec = yaml.safe_load(path.read_text())
         except (OSError, yaml.YAMLError):
             continue
-        value = spec.get("value", "") if isinstance(spec, dict) else ""
+        if not isinstance(spec, dict):
+            continue
+        value = spec.get("value") or ""
         if spec.get("parameters") == ["prompt"] and value.count(PROMPT_SLOT) == 1:
             if len(value) <= MAX_TEMPLATE_CHARS and value.isascii():
                 picked.append({"file": path.relative_to(root).as_posix(), "template": value.strip()})

@@ -16,7 +16,7 @@ from telelora.texts import load as load_texts
 from .conftest import REPO, write_meta
 
 STEPS = 3
-ARCHS = ("llama", "qwen2")  # rank r trains on ARCHS[r]
+ARCHS = ("phi3", "qwen2")  # rank r trains on ARCHS[r]; phi3 (fused) gives the k, v, up generators nothing
 CPU = torch.device("cpu")
 
 
@@ -69,6 +69,13 @@ def _rank_worker(rank: int, world_size: int, port: int, model_dirs: list[str], m
     for step in range(STEPS):
         configure.meta_step(bank, optimizer, [(item, llm, _batch(item, step))], meta, CPU, world)
     torch.save(bank.state_dict(), os.path.join(out, f"rank{rank}.pt"))
+    # a parameter with a gradient on rank 0 only, and one with a gradient on no rank
+    probe = torch.nn.Linear(2, 2)
+    if rank == 0:
+        probe.weight.grad = torch.full_like(probe.weight, 4.0)
+    total = world.average_gradients(probe, local_count=1)
+    result = {"total": total, "weight": probe.weight.grad, "bias": probe.bias.grad}
+    torch.save(result, os.path.join(out, f"probe{rank}.pt"))
     world.close()
 
 
@@ -80,6 +87,9 @@ def test_two_gloo_ranks_hold_identical_generators_equal_to_one_process(tmp_path,
     mp.spawn(_rank_worker, args=(2, _free_port(), model_dirs, str(meta_path), str(tmp_path)), nprocs=2, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     assert all(torch.equal(ranks[0][k], ranks[1][k]) for k in ranks[0])
+    for r in range(2):
+        probe = torch.load(tmp_path / f"probe{r}.pt")
+        assert probe["total"] == 2 and torch.equal(probe["weight"], torch.full((2, 2), 2.0)) and probe["bias"] is None
 
     # one process, both ranks' (model, batch) pairs in every step: the same mean gradient
     bank = _fresh_bank(meta)
@@ -122,7 +132,7 @@ def test_configure_under_two_processes_trains_each_rank_on_its_share(tmp_path, t
     mp.spawn(_cli_worker, args=(2, _free_port(), argv), nprocs=2, join=True)
     provenance = json.loads((out / "generators.json").read_text())["provenance"]
     assert provenance["processes"] == 2
-    assert sorted(m["architecture"] for m in provenance["trained_on"]) == ["LlamaForCausalLM", "Qwen2ForCausalLM"]
+    assert sorted(m["architecture"] for m in provenance["trained_on"]) == ["Phi3ForCausalLM", "Qwen2ForCausalLM"]
     log = json.loads((tmp_path / "scratch" / "configure" / "losses.json").read_text())
     # every step averages one batch of each rank's model
     assert all(sorted(name for name, _ in r["models"]) == sorted(ARCHS) for r in log)
