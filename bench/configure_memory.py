@@ -16,7 +16,7 @@ medians over ``--repeats`` after one warm-up.
 
     python bench/configure_memory.py --models Llama-3.2-1B Qwen2.5-1.5B Gemma-2-2B Phi-3.5-mini Llama-3.1-8B \
         --out bench/results/configure_memory_gpu.json
-    python bench/configure_memory.py --models SmolLM2-135M-shape --repeats 1   # CPU-sized
+    python bench/configure_memory.py --models SmolLM2-135M-shape --repeats 1 --warmup 0   # CPU-sized
 
 Prints a table and writes JSON.
 """
@@ -71,9 +71,10 @@ def _peak_gib(device) -> float:
     return float("nan")
 
 
-def _measure(fn, device, repeats: int) -> tuple[float, float]:
-    """(median seconds, peak GiB) of ``fn`` after one warm-up call."""
-    fn()
+def _measure(fn, device, repeats: int, warmup: int) -> tuple[float, float]:
+    """(median seconds, peak GiB) of ``fn`` after ``warmup`` untimed calls."""
+    for _ in range(warmup):
+        fn()
     _reset_peak(device)
     times = []
     for _ in range(repeats):
@@ -121,12 +122,12 @@ def measure_configure(model, layers, examples, meta, args, device) -> dict:
             u, v = bank(layer.projection_type, acts[layer.name].to(device), layer.depth, meta.rank)
             (u.sum() + v.sum()).backward()
 
-    seconds, peak = _measure(iteration, device, args.repeats)
+    seconds, peak = _measure(iteration, device, args.repeats, args.warmup)
     return {
         "configure_step_s": seconds,
         "configure_peak_gib": peak,
-        "generators_forward_s": _measure(generators_forward, device, args.repeats)[0],
-        "generators_forward_backward_s": _measure(generators_forward_backward, device, args.repeats)[0],
+        "generators_forward_s": _measure(generators_forward, device, args.repeats, args.warmup)[0],
+        "generators_forward_backward_s": _measure(generators_forward_backward, device, args.repeats, args.warmup)[0],
     }
 
 
@@ -146,7 +147,7 @@ def measure_lora(model, layers, inputs, meta, args, device) -> dict:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    seconds, peak = _measure(step, device, args.repeats)
+    seconds, peak = _measure(step, device, args.repeats, args.warmup)
     peft_model.unload()
     return {"lora_step_s": seconds, "lora_peak_gib": peak}
 
@@ -175,6 +176,7 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=512)
     parser.add_argument("--answer_tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=1, help="untimed calls first (CUDA kernels, allocator)")
     parser.add_argument("--out", default="bench/results/configure_memory.json")
     args = parser.parse_args()
 
@@ -202,7 +204,7 @@ def main() -> None:
         )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    settings = {"batch": args.batch, "seq": args.seq, "answer_tokens": args.answer_tokens, "repeats": args.repeats}
+    settings = {k: getattr(args, k) for k in ("batch", "seq", "answer_tokens", "repeats", "warmup")}
     payload = {"device": device_name, "dtype": str(dtype), "settings": settings, "metaparameters": meta.to_dict()}
     out.write_text(json.dumps({**payload, "rows": rows}, indent=2))
     print(f"wrote {out}")
