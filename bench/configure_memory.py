@@ -123,12 +123,11 @@ def measure_configure(model, layers, examples, meta, args, device) -> dict:
             (u.sum() + v.sum()).backward()
 
     seconds, peak = _measure(iteration, device, args.repeats, args.warmup)
-    return {
-        "configure_step_s": seconds,
-        "configure_peak_gib": peak,
-        "generators_forward_s": _measure(generators_forward, device, args.repeats, args.warmup)[0],
-        "generators_forward_backward_s": _measure(generators_forward_backward, device, args.repeats, args.warmup)[0],
-    }
+    row = {"configure_step_s": seconds, "configure_peak_gib": peak}
+    if args.breakdown:
+        for key, fn in (("generators_forward_s", generators_forward), ("generators_f+b_s", generators_forward_backward)):
+            row[key] = _measure(fn, device, args.repeats, args.warmup)[0]
+    return row
 
 
 def measure_lora(model, layers, inputs, meta, args, device) -> dict:
@@ -177,6 +176,9 @@ def main() -> None:
     parser.add_argument("--answer_tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1, help="untimed calls first (CUDA kernels, allocator)")
+    parser.add_argument(
+        "--breakdown", action=argparse.BooleanOptionalAction, default=True, help="also time the generators alone"
+    )
     parser.add_argument("--out", default="bench/results/configure_memory.json")
     args = parser.parse_args()
 
@@ -196,15 +198,17 @@ def main() -> None:
         f"{'model':20} {'layers':>6} {'LoRA s':>8} {'LoRA GiB':>9} {'cfg s':>8} {'cfg GiB':>8} "
         f"{'time x':>7} {'mem x':>6} {'gen fwd s':>9} {'gen f+b s':>9}"
     )
+    nan = float("nan")
     for r in rows:
         print(
             f"{r['model']:20} {r['layers_adapted']:6d} {r['lora_step_s']:8.3f} {r['lora_peak_gib']:9.2f} "
             f"{r['configure_step_s']:8.3f} {r['configure_peak_gib']:8.2f} {r['time_ratio']:7.2f} "
-            f"{r['memory_ratio']:6.2f} {r['generators_forward_s']:9.3f} {r['generators_forward_backward_s']:9.3f}"
+            f"{r['memory_ratio']:6.2f} {r.get('generators_forward_s', nan):9.3f} "
+            f"{r.get('generators_f+b_s', nan):9.3f}"
         )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    settings = {k: getattr(args, k) for k in ("batch", "seq", "answer_tokens", "repeats", "warmup")}
+    settings = {k: getattr(args, k) for k in ("batch", "seq", "answer_tokens", "repeats", "warmup", "breakdown")}
     payload = {"device": device_name, "dtype": str(dtype), "settings": settings, "metaparameters": meta.to_dict()}
     out.write_text(json.dumps({**payload, "rows": rows}, indent=2))
     print(f"wrote {out}")
