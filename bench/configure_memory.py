@@ -125,7 +125,8 @@ def measure_configure(model, layers, examples, meta, args, device) -> dict:
     seconds, peak = _measure(iteration, device, args.repeats, args.warmup)
     row = {"configure_step_s": seconds, "configure_peak_gib": peak}
     if args.breakdown:
-        for key, fn in (("generators_forward_s", generators_forward), ("generators_f+b_s", generators_forward_backward)):
+        parts = {"generators_forward_s": generators_forward, "generators_f+b_s": generators_forward_backward}
+        for key, fn in parts.items():
             row[key] = _measure(fn, device, args.repeats, args.warmup)[0]
     return row
 
