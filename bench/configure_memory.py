@@ -105,7 +105,7 @@ def measure_configure(model, layers, examples, meta, args, device) -> dict:
             generator.net.output_layer.fan_out.weight.normal_(0.0, 0.05)
     bank.set_checkpointing(True)
     acts = {layer.name: torch.randn(meta.num_reference_texts, layer.in_features) for layer in layers}
-    item = configure.TrainingModel(Path("bench"), acts, examples, [], 0)
+    item = configure.TrainingModel(Path("bench"), acts, examples, [], 0, type(model).__name__)
     llm = configure.LoadedModel(model, layers, 0)
     optimizer = torch.optim.AdamW(bank.parameters(), lr=meta.learning_rate)
 
