@@ -53,8 +53,7 @@ class AdapterGenerator(nn.Module):
         channels = [x]
         if self.use_depth_channel:
             channels.append(torch.full_like(x, float(depth)))
-        out = self.net(torch.stack(channels, dim=-1))
-        u0, v0 = out[..., 0], out[..., 1]
+        u0, v0 = self.net(torch.stack(channels))
         rows = strongest_rows(u0.norm(dim=-1), v0.norm(dim=-1), rank)
         # rows of norm ~ 1/sqrt(r): the sum of r rank-one terms V^T U stays O(1) for every
         # width and rank, so a small step of the generator is a small change of the LLM

@@ -13,39 +13,39 @@ def _net(in_ch=2, out_ch=3, stacks=3, hidden=6):
 @pytest.mark.parametrize("n,h", [(5, 7), (12, 3), (50, 64)])
 def test_equivariant_to_sample_and_neuron_permutations(n, h):
     net = _net()
-    x = torch.randn(n, h, 2, dtype=torch.double)
+    x = torch.randn(2, n, h, dtype=torch.double)
     rows, cols = torch.randperm(n), torch.randperm(h)
     y = net(x)
-    assert torch.allclose(net(x[rows]), y[rows], atol=1e-10)
-    assert torch.allclose(net(x[:, cols]), y[:, cols], atol=1e-10)
-    assert torch.allclose(net(x[rows][:, cols]), y[rows][:, cols], atol=1e-10)
+    assert torch.allclose(net(x[:, rows]), y[:, rows], atol=1e-10)
+    assert torch.allclose(net(x[..., cols]), y[..., cols], atol=1e-10)
+    assert torch.allclose(net(x[:, rows][..., cols]), y[:, rows][..., cols], atol=1e-10)
 
 
 def test_not_equivariant_to_transposition_of_the_two_axes():
     """a and b are independent axes: the network is not a symmetric-matrix (aa-type) model."""
     net = _net(in_ch=1, out_ch=1)
-    x = torch.randn(6, 6, 1, dtype=torch.double)
-    assert not torch.allclose(net(x.transpose(0, 1)), net(x).transpose(0, 1), atol=1e-6)
+    x = torch.randn(1, 6, 6, dtype=torch.double)
+    assert not torch.allclose(net(x.transpose(1, 2)), net(x).transpose(1, 2), atol=1e-6)
 
 
 def test_pooling_branches_match_their_definitions():
-    x = torch.randn(4, 5, 8, dtype=torch.double)  # width 1 per branch
+    x = torch.randn(8, 4, 5, dtype=torch.double)  # width 1 per branch
     y = EinsumPoolAB()(x)
-    assert y.shape == (4, 5, 5)
-    assert torch.allclose(y[..., 0], x[..., 0])
-    assert torch.allclose(y[..., 1], x[..., 1].mean(dim=1, keepdim=True).expand(4, 5))
-    assert torch.allclose(y[..., 2], x[..., 2].mean(dim=0, keepdim=True).expand(4, 5))
+    assert y.shape == (5, 4, 5)
+    assert torch.allclose(y[0], x[0])
+    assert torch.allclose(y[1], x[1].mean(dim=1, keepdim=True).expand(4, 5))
+    assert torch.allclose(y[2], x[2].mean(dim=0, keepdim=True).expand(4, 5))
 
     def std(t):
         return (t - t.mean()) / (t.std(unbiased=False) + 1e-5)
 
-    assert torch.allclose(y[..., 3], std(x[..., 3]) * x[..., 4])
-    z5, z6, x7 = std(x[..., 5]), std(x[..., 6]), x[..., 7]
+    assert torch.allclose(y[3], std(x[3]) * x[4])
+    z5, z6, x7 = std(x[5]), std(x[6]), x[7]
     expected = torch.zeros(4, 5, dtype=torch.double)
     for a in range(4):
         for b in range(5):
             expected[a, b] = sum(z5[i, c] * z6[a, c] * x7[i, b] for i in range(4) for c in range(5)) / 20
-    assert torch.allclose(y[..., 4], expected)
+    assert torch.allclose(y[4], expected)
 
 
 def test_output_scale_does_not_depend_on_width():
@@ -53,22 +53,22 @@ def test_output_scale_does_not_depend_on_width():
     torch.manual_seed(0)
     net = EinNet(1, 4, 2, 2)
     with torch.no_grad():
-        rms = {h: net(torch.randn(50, h, 1)).pow(2).mean().sqrt().item() for h in (8, 1000, 14336)}
+        rms = {h: net(torch.randn(1, 50, h)).pow(2).mean().sqrt().item() for h in (8, 1000, 14336)}
     assert all(0.01 < r < 10 for r in rms.values())
     assert 0.5 < rms[14336] / rms[1000] < 2
 
 
 def test_leading_batch_dimensions_are_independent():
     net = _net()
-    x = torch.randn(3, 6, 7, 2, dtype=torch.double)
+    x = torch.randn(3, 2, 6, 7, dtype=torch.double)
     y = net(x)
     assert torch.allclose(y[1], net(x[1]), atol=1e-12)
 
 
 def test_block_checkpointing_changes_neither_output_nor_gradients():
     net = _net(stacks=4)
-    x = torch.randn(9, 11, 2, dtype=torch.double)
-    weights = torch.randn(9, 11, 3, dtype=torch.double)
+    x = torch.randn(2, 9, 11, dtype=torch.double)
+    weights = torch.randn(3, 9, 11, dtype=torch.double)
     results = []
     for checkpointing in (False, True):
         net.zero_grad()
