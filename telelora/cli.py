@@ -86,6 +86,13 @@ def build_parser() -> tuple[ArgumentParser, dict[str, ArgumentParser]]:
         default=32.0,
         help="CPU memory per process for training LLMs waiting their turn; beyond it they are re-loaded from disk",
     )
+    configure.add_argument(
+        "--process_group_timeout_minutes",
+        type=float,
+        default=60.0,
+        help="under torchrun, how long a rank waits for the others (raise it when each rank prepares many "
+        "large models from a cold cache before the first iteration)",
+    )
     _common(configure)
 
     test = ArgumentParser(description="Measure ASR, MMLU and agreement of a (mitigated) model.")
@@ -184,14 +191,17 @@ def _configure(opts, meta) -> int:
     from telelora import configure
     from telelora.distributed import World
 
-    if opts.checkpoint_interval < 1 or opts.cpu_cache_gb < 0:
-        raise TeleLoRAError("--checkpoint_interval must be at least 1 and --cpu_cache_gb at least 0")
+    if opts.checkpoint_interval < 1 or opts.cpu_cache_gb < 0 or opts.process_group_timeout_minutes <= 0:
+        raise TeleLoRAError(
+            "--checkpoint_interval must be at least 1, --cpu_cache_gb at least 0 "
+            "and --process_group_timeout_minutes positive"
+        )
     out = Path(opts.learned_parameters_dirpath)
     modelio.check_output_dir(out)  # fail now, not after hours of training
     dirs = configure.list_model_dirs(opts.configure_models_dirpath, opts.extra_model_dirpaths)
     # the texts travel with the learned parameters; a new folder takes the shipped ones
     texts_dir = out if (out / texts.TEXTS_FILE).is_file() else Path(DEFAULT_LEARNED)
-    world = World.from_env()
+    world = World.from_env(opts.process_group_timeout_minutes)
     try:
         configure.configure(
             dirs,

@@ -207,5 +207,6 @@ def test_a_model_that_stops_loading_mid_run_is_dropped_with_a_warning(tmp_path, 
 
 def test_configure_flags_are_checked(tmp_path, model_copy, capsys):
     models = _two_models(tmp_path, model_copy)
-    code, _ = _run_configure(tmp_path, models, flags=["--checkpoint_interval", "0"])
-    assert code == 1 and "--checkpoint_interval must be at least 1" in capsys.readouterr().err
+    for flag, value in (("--checkpoint_interval", "0"), ("--process_group_timeout_minutes", "0")):
+        code, _ = _run_configure(tmp_path, models, flags=[flag, value])
+        assert code == 1 and flag in capsys.readouterr().err
