@@ -181,9 +181,14 @@ def main() -> None:
         "--breakdown", action=argparse.BooleanOptionalAction, default=True, help="also time the generators alone"
     )
     parser.add_argument("--out", default="bench/results/configure_memory.json")
+    parser.add_argument(
+        "--metaparameters",
+        default=None,
+        help="metaparameters JSON (default: the shipped one, which sets the generator size)",
+    )
     args = parser.parse_args()
 
-    meta = metaparameters.load()
+    meta = metaparameters.load(args.metaparameters)
     device, dtype = modelio.pick_device_dtype(meta.dtype)
     device_name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
     rows = []
