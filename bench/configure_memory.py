@@ -15,7 +15,7 @@ set on a CPU (reset between measurements through /proc/self/clear_refs). Times a
 medians over ``--repeats`` after one warm-up.
 
     python bench/configure_memory.py --models Llama-3.2-1B Qwen2.5-1.5B Gemma-2-2B Phi-3.5-mini Llama-3.1-8B \
-        --out bench/results/configure_memory_gpu.json
+        --metaparameters bench/metaparameters_paper.json --out bench/results/configure_memory_gpu.json
     python bench/configure_memory.py --models SmolLM2-135M-shape --repeats 1 --warmup 0   # CPU-sized
 
 Prints a table and writes JSON.
@@ -39,6 +39,7 @@ from bench.real_configs import REAL_CONFIGS, build_random  # noqa: E402
 from telelora import alignment, configure, metaparameters, modelio  # noqa: E402
 from telelora.architectures import find_adapted_layers  # noqa: E402
 from telelora.distributed import World  # noqa: E402
+from telelora.errors import MetaparameterError  # noqa: E402
 from telelora.generator import GeneratorBank  # noqa: E402
 
 
@@ -188,7 +189,10 @@ def main() -> None:
     )
     args = parser.parse_args()
 
-    meta = metaparameters.load(args.metaparameters)
+    try:
+        meta = metaparameters.load(args.metaparameters)
+    except MetaparameterError as err:
+        sys.exit(f"error: {err}")
     device, dtype = modelio.pick_device_dtype(meta.dtype)
     device_name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
     rows = []
