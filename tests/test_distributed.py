@@ -5,8 +5,10 @@ import os
 import socket
 from pathlib import Path
 
+import pytest
 import torch
 import torch.multiprocessing as mp
+from safetensors.torch import load_file
 
 from telelora import cli, configure, metaparameters
 from telelora.distributed import World
@@ -105,30 +107,49 @@ def test_two_gloo_ranks_hold_identical_generators_equal_to_one_process(tmp_path,
     assert moved > 0  # the steps changed the generators
 
 
-def _cli_worker(rank: int, world_size: int, port: int, argv: list[str]) -> None:
+class _Crash(Exception):
+    pass
+
+
+def _cli_worker(rank: int, world_size: int, port: int, argv: list[str], crash_at_step: int | None = None) -> None:
     _torchrun_env(rank, world_size, port)
     torch.set_num_threads(1)
+    if crash_at_step is not None:  # every rank dies at the same step, as after a node failure
+        real_step, calls = configure.meta_step, []
+
+        def crashing(*args, **kwargs):
+            calls.append(1)
+            if len(calls) > crash_at_step:
+                raise _Crash
+            return real_step(*args, **kwargs)
+
+        configure.meta_step = crashing
     code = cli.main(argv)
     if code != 0:
         raise SystemExit(code)
 
 
-def test_configure_under_two_processes_trains_each_rank_on_its_share(tmp_path, tiny_models):
-    meta_path = write_meta(tmp_path / "meta.json", train_iterations=2)
-    out = tmp_path / "learned"
-    argv = [
+def _configure_argv(meta_path: Path, model_dirs: list[str], out: Path, scratch: Path, *flags: str) -> list[str]:
+    return [
         "configure",
         "--metaparameters_filepath",
         str(meta_path),
         "--schema_filepath",
         str(REPO / "metaparameters_schema.json"),
         "--extra_model_dirpaths",
-        json.dumps([str(tiny_models[arch]) for arch in ARCHS]),
+        json.dumps(model_dirs),
         "--learned_parameters_dirpath",
         str(out),
         "--scratch_dirpath",
-        str(tmp_path / "scratch"),
+        str(scratch),
+        *flags,
     ]
+
+
+def test_configure_under_two_processes_trains_each_rank_on_its_share(tmp_path, tiny_models):
+    meta_path = write_meta(tmp_path / "meta.json", train_iterations=2)
+    out = tmp_path / "learned"
+    argv = _configure_argv(meta_path, [str(tiny_models[arch]) for arch in ARCHS], out, tmp_path / "scratch")
     mp.spawn(_cli_worker, args=(2, _free_port(), argv), nprocs=2, join=True)
     provenance = json.loads((out / "generators.json").read_text())["provenance"]
     assert provenance["processes"] == 2
@@ -137,3 +158,24 @@ def test_configure_under_two_processes_trains_each_rank_on_its_share(tmp_path, t
     # every step averages one batch of each rank's model
     assert all(sorted(name for name, _ in r["models"]) == sorted(ARCHS) for r in log)
     assert len(log) == 2
+
+
+def test_two_processes_resume_after_a_crash_where_an_uninterrupted_run_ends(tmp_path, tiny_models):
+    meta_path = write_meta(tmp_path / "meta.json", train_iterations=4)
+    model_dirs = [str(tiny_models[arch]) for arch in ARCHS]
+    flags = ("--checkpoint_interval", "2")
+    full = _configure_argv(meta_path, model_dirs, tmp_path / "a" / "learned", tmp_path / "a" / "scratch", *flags)
+    mp.spawn(_cli_worker, args=(2, _free_port(), full), nprocs=2, join=True)
+
+    run = _configure_argv(meta_path, model_dirs, tmp_path / "b" / "learned", tmp_path / "b" / "scratch", *flags)
+    with pytest.raises(mp.ProcessRaisedException, match="_Crash"):  # steps 0-2 done, checkpoint at 2
+        mp.spawn(_cli_worker, args=(2, _free_port(), run, 3), nprocs=2, join=True)
+    assert not (tmp_path / "b" / "learned").exists()
+    mp.spawn(_cli_worker, args=(2, _free_port(), [*run, "--resume"]), nprocs=2, join=True)
+
+    a, b = (load_file(str(tmp_path / r / "learned" / "generators.safetensors")) for r in "ab")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    logs = [json.loads((tmp_path / r / "scratch" / "configure" / "losses.json").read_text()) for r in "ab"]
+    assert [(r["step"], r["models"]) for r in logs[0]] == [(r["step"], r["models"]) for r in logs[1]]
+    provenance = json.loads((tmp_path / "b" / "learned" / "generators.json").read_text())["provenance"]
+    assert provenance["resumed_from_step"] == 2 and provenance["processes"] == 2
