@@ -104,7 +104,7 @@ def measure_configure(model, layers, examples, meta, args, device) -> dict:
     with torch.no_grad():  # a non-zero V channel, so the adapters really act
         for generator in bank.generators.values():
             generator.net.output_layer.fan_out.weight.normal_(0.0, 0.05)
-    bank.set_checkpointing(True)
+    bank.set_graph_budget()
     acts = {layer.name: torch.randn(meta.num_reference_texts, layer.in_features) for layer in layers}
     item = configure.TrainingModel(Path("bench"), acts, examples, [], 0, type(model).__name__)
     llm = configure.LoadedModel(model, layers, 0)

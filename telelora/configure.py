@@ -347,7 +347,7 @@ def configure(
 
     torch.manual_seed(meta.seed)  # the same start whether or not models were loaded above
     bank = GeneratorBank.from_metaparameters(meta).to(device)
-    bank.set_checkpointing(True)  # phase 3 then holds one EinNet block's intermediates at a time
+    bank.set_graph_budget()  # phase 3 then holds one EinNet block's intermediates of a wide layer at a time
     world.broadcast_parameters(bank)
     optimizer = torch.optim.AdamW(bank.parameters(), lr=meta.learning_rate)
     rng = random.Random(meta.seed * 1000 + world.rank)

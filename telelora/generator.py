@@ -30,6 +30,12 @@ def strongest_rows(u_norms: torch.Tensor, v_norms: torch.Tensor, rank: int) -> t
     return by_u[by_strength[:rank]]
 
 
+# The graph one generator pass may keep whole under autograd. At the shipped size the q..up
+# layers of SmolLM2 and Gemma-3 (~120 MB) keep it and their down layers recompute; at the
+# paper's size (12 stacks, N = 50) every layer of a real LLM recomputes.
+GRAPH_BUDGET_BYTES = 256 * 2**20
+
+
 class AdapterGenerator(nn.Module):
     """``X (N x H) -> U, V (r x H)`` for one projection type, any width H."""
 
@@ -80,10 +86,11 @@ class GeneratorBank(nn.Module):
     def from_metaparameters(cls, meta: Metaparameters) -> GeneratorBank:
         return cls(meta.generator_hidden, meta.generator_stacks, meta.use_depth_channel)
 
-    def set_checkpointing(self, enabled: bool) -> None:
-        """Recompute each EinNet block in backward instead of storing it (meta-training memory)."""
+    def set_graph_budget(self, graph_bytes: int | None = GRAPH_BUDGET_BYTES) -> None:
+        """Bound the autograd graph of one generator pass (meta-training's phase 3): a layer
+        whose graph would exceed ``graph_bytes`` recomputes its EinNet blocks in backward."""
         for generator in self.generators.values():
-            generator.net.checkpointing = enabled
+            generator.net.set_graph_budget(graph_bytes)
 
     def forward(self, projection_type: str, activations: torch.Tensor, depth: float, rank: int):
         return self.generators[projection_type](activations, depth, rank)

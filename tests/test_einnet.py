@@ -65,17 +65,43 @@ def test_leading_batch_dimensions_are_independent():
     assert torch.allclose(y[1], net(x[1]), atol=1e-12)
 
 
+def _saved_graph_bytes(net: EinNet, x: torch.Tensor) -> int:
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        net(x)
+    return sum(storages.values())
+
+
 def test_block_checkpointing_changes_neither_output_nor_gradients():
     net = _net(stacks=4)
     x = torch.randn(2, 9, 11, dtype=torch.double)
     weights = torch.randn(3, 9, 11, dtype=torch.double)
     results = []
-    for checkpointing in (False, True):
+    for budget in (None, 0):
         net.zero_grad()
-        net.checkpointing = checkpointing
+        net.set_graph_budget(budget)
         y = net(x)
         (y * weights).sum().backward()
         results.append((y.detach(), [p.grad.clone() for p in net.parameters()]))
     (y0, g0), (y1, g1) = results
     assert torch.equal(y0, y1)
     assert all(torch.allclose(a, b, atol=1e-12) for a, b in zip(g0, g1, strict=True))
+
+
+def test_the_graph_budget_decides_which_layers_recompute():
+    net = _net(stacks=6)
+    x = torch.randn(2, 40, 50, dtype=torch.double)
+    net.set_graph_budget(None)
+    whole = _saved_graph_bytes(net, x)
+    net.set_graph_budget(0)
+    recomputed = _saved_graph_bytes(net, x)
+    assert recomputed < whole / 3
+    net.set_graph_budget(2 * whole)  # the estimate is rough: a graph well within the budget is kept
+    assert _saved_graph_bytes(net, x) == whole
+    net.set_graph_budget(whole // 4)
+    assert _saved_graph_bytes(net, x) == recomputed
