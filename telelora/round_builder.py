@@ -23,6 +23,7 @@ import io
 import json
 import logging
 import random
+import shutil
 import time
 from pathlib import Path
 
@@ -266,6 +267,8 @@ def build_model(spec: RoundSpec, index: int, model_spec: ModelSpec, out_dir: Pat
     with staged_dir(out_dir / "models" / model_id) as staging:
         model.save_pretrained(str(staging), safe_serialization=True, max_shard_size="2GB")
         tokenizer.save_pretrained(str(staging))
+        if (base_dir / convert.PROVENANCE).is_file():  # where the base's weights came from
+            shutil.copyfile(base_dir / convert.PROVENANCE, staging / convert.PROVENANCE)
         for name in ("round_config.json", "reduced-config.json"):
             (staging / name).write_text(json.dumps(round_config, indent=2))
         (staging / "ground_truth.csv").write_text(f"{int(model_spec.poisoned)}\n")

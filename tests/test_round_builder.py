@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from telelora import round_builder
+from telelora import convert, round_builder
 from telelora.errors import TeleLoRAError
 
 from .conftest import REPO
@@ -96,3 +96,13 @@ def test_a_trojan_that_did_not_take_fails_the_build(tmp_path):
     with pytest.raises(TeleLoRAError, match=r"the Trojan did not take as specified: pre-ASR 0\.\d+ < 0.9"):
         round_builder.build_round(spec, tmp_path / "round")
     assert not (tmp_path / "round" / "models" / "id-00000000").exists()
+
+
+def test_a_model_keeps_the_conversion_provenance_of_its_base(tmp_path):
+    spec = _spec(tmp_path, base="tiny-qwen2", poisoned=False)
+    out = tmp_path / "round"
+    base = round_builder.base_folder("tiny-qwen2", out / ".work", None)
+    (base / convert.PROVENANCE).write_text('{"package": "llm-example"}')
+    round_builder.build_round(spec, out)
+    copied = out / "models" / "id-00000000" / convert.PROVENANCE
+    assert json.loads(copied.read_text()) == {"package": "llm-example"}
