@@ -1,0 +1,142 @@
+"""Mitigation quality on a local round: TeleLoRA against a norm-matched random control.
+
+Per chosen model of a round (``python -m telelora.round_builder``) and per number of
+mitigation steps K, side by side on the same prompts and MMLU questions:
+
+* ``none``: the model as built (its ground truth; agreement 1 by definition);
+* ``telelora``: ``mitigate`` with the given generators, K steps;
+* ``random``: the same K steps, each layer's adapter replaced by one with the same rows'
+  norms but random directions. It changes the model as much as TeleLoRA does and knows
+  nothing; a Trojan it removes as well says the generator learned nothing Trojan-specific.
+
+ASR, false-trigger rate, MMLU and agreement come from ``evaluate`` (what ``entrypoint.py
+test`` measures); Fidelity and strict Fidelity from ``telelora.score``.
+
+    python bench/mitigation_quality.py --round ~/rounds/local-r1 --models id-00000001 id-00000005 \\
+        --steps 1 2 --out bench/results/mitigation_quality_cpu.json
+
+Prints a table and writes JSON. One thread-bound process per model runs well side by side.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from telelora import evaluate, metaparameters, modelio, score  # noqa: E402
+from telelora.errors import TeleLoRAError  # noqa: E402
+from telelora.learned import load_bank  # noqa: E402
+from telelora.metaparameters import REPO_ROOT  # noqa: E402
+from telelora.mitigate import mitigate_model  # noqa: E402
+from telelora.texts import load as load_texts  # noqa: E402
+
+
+class RandomDirections(nn.Module):
+    """A generator bank whose adapters keep TeleLoRA's row norms but point at random."""
+
+    def __init__(self, bank: nn.Module, seed: int):
+        super().__init__()
+        self.bank = bank
+        self.rng = torch.Generator().manual_seed(seed)
+
+    def _scramble(self, rows: torch.Tensor) -> torch.Tensor:
+        noise = torch.randn(rows.shape, generator=self.rng, dtype=torch.float32).to(rows)
+        return noise * (rows.norm(dim=-1, keepdim=True) / noise.norm(dim=-1, keepdim=True).clamp_min(1e-12))
+
+    def forward(self, projection_type: str, activations: torch.Tensor, depth: float, rank: int):
+        u, v = self.bank(projection_type, activations, depth, rank)
+        return self._scramble(u), self._scramble(v)
+
+
+def measure(model_dir: Path, variant: str, steps: int, args, meta, mmlu_rows) -> dict:
+    """Mitigate one fresh copy of the model in memory as ``variant`` with K=``steps``; measure it."""
+    device, dtype = modelio.pick_device_dtype(meta.dtype)
+    tokenizer = modelio.load_tokenizer(model_dir)
+    model = modelio.load_model(model_dir, device, dtype)
+    meta = dataclasses.replace(meta, mitigation_steps=steps)
+    bank, _ = load_bank(args.learned_parameters, meta)
+    bank.to(device)
+    generator = bank if variant == "telelora" else RandomDirections(bank, meta.seed)
+    start = time.time()
+    torch.manual_seed(meta.seed)
+    mitigate_model(model, tokenizer, generator, load_texts(args.learned_parameters).reference, meta)
+    seconds = time.time() - start
+    prompts = evaluate.load_prompts(model_dir / "test-example-data" / "prompts.json")
+    result = evaluate.evaluate(model, tokenizer, prompts, mmlu_rows, args.num_samples, args.batch_size)
+    return {**result, "mitigate_seconds": round(seconds, 1)}
+
+
+def bench_model(model_dir: Path, args, meta, mmlu_rows) -> list[dict]:
+    truth = score.ground_truth(model_dir)
+    unmitigated = {"asr": truth["pre_asr"], "false_trigger_rate": None, "mmlu": truth["pre_mmlu"], "agreement": 1.0}
+    rows = [{"model": model_dir.name, "variant": "none", "steps": 0, **unmitigated}]
+    for steps in args.steps:
+        for variant in args.variants:
+            result = measure(model_dir, variant, steps, args, meta, mmlu_rows)
+            rows.append({"model": model_dir.name, "variant": variant, "steps": steps, **result})
+            print(_format([rows[-1]]), flush=True)
+    for row in rows:
+        row["fidelity"], row["strict_fidelity"] = score.model_fidelity(
+            truth["poisoned"], truth["pre_asr"], truth["pre_mmlu"], row["asr"], row["mmlu"], row["agreement"]
+        )
+    return rows
+
+
+def _format(rows: list[dict]) -> str:
+    def cell(value) -> str:
+        return "   -  " if value is None else f"{value:6.3f}"
+
+    lines = []
+    for r in rows:
+        values = (r.get(k) for k in ("asr", "false_trigger_rate", "mmlu", "agreement", "fidelity", "strict_fidelity"))
+        lines.append(f"{r['model']:<12} {r['variant']:<9} {r['steps']:>2} " + " ".join(cell(v) for v in values))
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--round", required=True, type=Path, help="a round folder with models/ and ground truth")
+    parser.add_argument("--models", nargs="+", required=True, help="model folder names, e.g. id-00000001")
+    parser.add_argument("--steps", nargs="+", type=int, default=[2], help="numbers of mitigation steps K")
+    parser.add_argument("--variants", nargs="+", choices=["telelora", "random"], default=["telelora", "random"])
+    parser.add_argument("--learned_parameters", type=Path, default=REPO_ROOT / "learned_parameters")
+    parser.add_argument("--metaparameters", type=Path, default=REPO_ROOT / "metaparameters.json")
+    parser.add_argument("--num_samples", type=int, default=100, help="clean and triggered prompts per model")
+    parser.add_argument("--mmlu_questions", type=int, default=300)
+    parser.add_argument("--batch_size", type=int, default=16)
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    try:
+        meta = metaparameters.load(args.metaparameters, REPO_ROOT / "metaparameters_schema.json")
+        shipped = load_texts(args.learned_parameters).mmlu_rows
+        mmlu_rows = evaluate.mmlu_subset(args.mmlu_questions, shipped) if args.mmlu_questions else []
+        model_dirs = [args.round / "models" / name for name in args.models]
+        for model_dir in model_dirs:
+            modelio.check_model_dir(model_dir)
+    except TeleLoRAError as err:
+        raise SystemExit("error: " + " ".join(str(err).split())) from err
+    if any(k < 1 for k in args.steps):
+        raise SystemExit("error: --steps must be at least 1")
+
+    print("model        variant    K    ASR  false    MMLU  agree    Fid strict")
+    rows = [row for model_dir in model_dirs for row in bench_model(model_dir, args, meta, mmlu_rows)]
+    print("\n" + _format(rows))
+    if args.out:
+        settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "out"}
+        payload = {"settings": settings, "threads": torch.get_num_threads(), "rows": rows}
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(payload, indent=2))
+        print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
