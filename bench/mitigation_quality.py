@@ -5,9 +5,10 @@ mitigation steps K, side by side on the same prompts and MMLU questions:
 
 * ``none``: the model as built (its ground truth; agreement 1 by definition);
 * ``telelora``: ``mitigate`` with the given generators, K steps;
-* ``random``: the same K steps, each layer's adapter replaced by one with the same rows'
-  norms but random directions. It changes the model as much as TeleLoRA does and knows
-  nothing; a Trojan it removes as well says the generator learned nothing Trojan-specific.
+* ``random``: the same K steps, each layer's adapter replaced by random directions scaled
+  so that it moves the layer's reference inputs as far as TeleLoRA's does
+  (``|X U^T V|`` equal). It changes the model as much and knows nothing: a Trojan it
+  removes as well says the generator learned nothing Trojan-specific.
 
 ASR, false-trigger rate, MMLU and agreement come from ``evaluate`` (what ``entrypoint.py
 test`` measures); Fidelity and strict Fidelity from ``telelora.score``.
@@ -41,20 +42,21 @@ from telelora.texts import load as load_texts  # noqa: E402
 
 
 class RandomDirections(nn.Module):
-    """A generator bank whose adapters keep TeleLoRA's row norms but point at random."""
+    """A generator bank whose adapters point at random but move each layer's reference
+    inputs exactly as far as the real generator's adapters do."""
 
     def __init__(self, bank: nn.Module, seed: int):
         super().__init__()
         self.bank = bank
         self.rng = torch.Generator().manual_seed(seed)
 
-    def _scramble(self, rows: torch.Tensor) -> torch.Tensor:
-        noise = torch.randn(rows.shape, generator=self.rng, dtype=torch.float32).to(rows)
-        return noise * (rows.norm(dim=-1, keepdim=True) / noise.norm(dim=-1, keepdim=True).clamp_min(1e-12))
-
     def forward(self, projection_type: str, activations: torch.Tensor, depth: float, rank: int):
         u, v = self.bank(projection_type, activations, depth, rank)
-        return self._scramble(u), self._scramble(v)
+        u_random, v_random = (torch.randn(t.shape, generator=self.rng).to(t) for t in (u, v))
+        x = activations.to(u)
+        moved, moved_random = ((x @ a.T @ b).norm() for a, b in ((u, v), (u_random, v_random)))
+        scale = (moved / moved_random.clamp_min(1e-30)).sqrt()
+        return u_random * scale, v_random * scale
 
 
 def measure(model_dir: Path, variant: str, steps: int, args, meta, mmlu_rows) -> dict:
