@@ -127,7 +127,10 @@ class World:
             dist.barrier()
 
     def close(self) -> None:
+        """Leave the group once every rank is done with it: gloo can abort a rank (SIGABRT,
+        "terminate called without an active exception") whose peer tears down first."""
         if self.active and dist.is_initialized():
+            dist.barrier()
             dist.destroy_process_group()
 
     def _device(self) -> torch.device:
