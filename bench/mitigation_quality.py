@@ -1,4 +1,4 @@
-"""Mitigation quality on a local round: TeleLoRA against a norm-matched random control.
+"""Mitigation quality on a local round: TeleLoRA against a change-matched random control.
 
 Per chosen model of a round (``python -m telelora.round_builder``) and per number of
 mitigation steps K, side by side on the same prompts and MMLU questions:
@@ -16,7 +16,8 @@ test`` measures); Fidelity and strict Fidelity from ``telelora.score``.
     python bench/mitigation_quality.py --round ~/rounds/local-r1 --models id-00000001 id-00000005 \\
         --steps 1 2 --out bench/results/mitigation_quality_cpu.json
 
-Prints a table and writes JSON. One thread-bound process per model runs well side by side.
+Prints a table and writes JSON (atomically, after every model, so a later failure keeps
+the finished ones). One thread-bound process per model runs well side by side.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from telelora import evaluate, metaparameters, modelio, score  # noqa: E402
 from telelora.errors import TeleLoRAError  # noqa: E402
+from telelora.io_utils import atomic_write_text  # noqa: E402
 from telelora.learned import load_bank  # noqa: E402
 from telelora.metaparameters import REPO_ROOT  # noqa: E402
 from telelora.mitigate import mitigate_model  # noqa: E402
@@ -77,8 +79,7 @@ def measure(model_dir: Path, variant: str, steps: int, args, meta, mmlu_rows) ->
     return {**result, "mitigate_seconds": round(seconds, 1)}
 
 
-def bench_model(model_dir: Path, args, meta, mmlu_rows) -> list[dict]:
-    truth = score.ground_truth(model_dir)
+def bench_model(model_dir: Path, truth: dict, args, meta, mmlu_rows) -> list[dict]:
     unmitigated = {"asr": truth["pre_asr"], "false_trigger_rate": None, "mmlu": truth["pre_mmlu"], "agreement": 1.0}
     rows = [{"model": model_dir.name, "variant": "none", "steps": 0, **unmitigated}]
     for steps in args.steps:
@@ -117,26 +118,35 @@ def main() -> None:
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
-    try:
+    if min(args.steps) < 1 or args.num_samples < 1 or args.batch_size < 1 or args.mmlu_questions < 0:
+        raise SystemExit("error: --steps, --num_samples, --batch_size must be at least 1, --mmlu_questions at least 0")
+    try:  # every input checked before the first (long) mitigation
         meta = metaparameters.load(args.metaparameters, REPO_ROOT / "metaparameters_schema.json")
+        load_bank(args.learned_parameters, meta)
         shipped = load_texts(args.learned_parameters).mmlu_rows
         mmlu_rows = evaluate.mmlu_subset(args.mmlu_questions, shipped) if args.mmlu_questions else []
         model_dirs = [args.round / "models" / name for name in args.models]
         for model_dir in model_dirs:
             modelio.check_model_dir(model_dir)
+        truths = [score.ground_truth(model_dir) for model_dir in model_dirs]
     except TeleLoRAError as err:
         raise SystemExit("error: " + " ".join(str(err).split())) from err
-    if any(k < 1 for k in args.steps):
-        raise SystemExit("error: --steps must be at least 1")
+    if args.out:
+        try:
+            modelio.check_output_dir(args.out.parent)
+        except TeleLoRAError as err:
+            raise SystemExit(f"error: --out {args.out}: its folder cannot be written") from err
 
     print("model        variant    K    ASR  false    MMLU  agree    Fid strict")
-    rows = [row for model_dir in model_dirs for row in bench_model(model_dir, args, meta, mmlu_rows)]
+    settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "out"}
+    rows = []
+    for model_dir, truth in zip(model_dirs, truths, strict=True):
+        rows += bench_model(model_dir, truth, args, meta, mmlu_rows)
+        if args.out:
+            payload = {"settings": settings, "threads": torch.get_num_threads(), "rows": rows}
+            atomic_write_text(args.out, json.dumps(payload, indent=2))
     print("\n" + _format(rows))
     if args.out:
-        settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "out"}
-        payload = {"settings": settings, "threads": torch.get_num_threads(), "rows": rows}
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(payload, indent=2))
         print(f"wrote {args.out}")
 
 
