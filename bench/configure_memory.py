@@ -193,7 +193,7 @@ def main() -> None:
         meta = metaparameters.load(args.metaparameters)
     except MetaparameterError as err:
         sys.exit(f"error: {err}")
-    device, dtype = modelio.pick_device_dtype(meta.dtype)
+    device, dtype = modelio.pick_device_dtype(meta.device, meta.dtype)
     device_name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
     rows = []
     for name in args.models:

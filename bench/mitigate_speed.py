@@ -110,7 +110,7 @@ def main():
     args = parser.parse_args()
 
     meta = metaparameters.load()
-    device, dtype = modelio.pick_device_dtype(meta.dtype)
+    device, dtype = modelio.pick_device_dtype(meta.device, meta.dtype)
     learned_dir = metaparameters.REPO_ROOT / "learned_parameters"
     bank, _ = load_bank(learned_dir, meta)
     bank.to(device)

@@ -4,11 +4,17 @@ Per chosen model of a round (``python -m telelora.round_builder``) and per numbe
 mitigation steps K, side by side on the same prompts and MMLU questions:
 
 * ``none``: the model as built (its ground truth; agreement 1 by definition);
-* ``telelora``: ``mitigate`` with the given generators, K steps;
+* ``telelora``: ``mitigate`` with the given generators, K steps, drift guard as the
+  metaparameters set it;
+* ``unguarded``: the same with the drift guard off (no layer bound, no agreement bound);
 * ``random``: the same K steps, each layer's adapter replaced by random directions scaled
   so that it moves the layer's reference inputs as far as TeleLoRA's does
-  (``|X U^T V|`` equal). It changes the model as much and knows nothing: a Trojan it
-  removes as well says the generator learned nothing Trojan-specific.
+  (``|X U^T V|`` equal), unguarded. It changes the model as much and knows nothing: a
+  Trojan it removes as well says the generator learned nothing Trojan-specific.
+
+``--set KEY=VALUE ...`` overrides metaparameters (checked against the schema), e.g.
+``activation_tokens=user`` (reference activations pooled over the user's text only) or
+``guard_min_agreement=0.7``.
 
 ASR, false-trigger rate, MMLU and agreement come from ``evaluate`` (what ``entrypoint.py
 test`` measures); Fidelity and strict Fidelity from ``telelora.score``.
@@ -63,20 +69,28 @@ class RandomDirections(nn.Module):
 
 def measure(model_dir: Path, variant: str, steps: int, args, meta, mmlu_rows) -> dict:
     """Mitigate one fresh copy of the model in memory as ``variant`` with K=``steps``; measure it."""
-    device, dtype = modelio.pick_device_dtype(meta.dtype)
+    device, dtype = modelio.pick_device_dtype(meta.device, meta.dtype, model_dir)
     tokenizer = modelio.load_tokenizer(model_dir)
     model = modelio.load_model(model_dir, device, dtype)
     meta = dataclasses.replace(meta, mitigation_steps=steps)
-    bank, _ = load_bank(args.learned_parameters, meta)
+    if variant != "telelora":
+        meta = dataclasses.replace(meta, guard_min_agreement=0.0, guard_layer_factor=0.0)
+    bank, info = load_bank(args.learned_parameters, meta)
     bank.to(device)
-    generator = bank if variant == "telelora" else RandomDirections(bank, meta.seed)
+    generator = RandomDirections(bank, meta.seed) if variant == "random" else bank
     start = time.time()
     torch.manual_seed(meta.seed)
-    mitigate_model(model, tokenizer, generator, load_texts(args.learned_parameters).reference, meta)
+    texts = load_texts(args.learned_parameters)
+    mitigation = mitigate_model(model, tokenizer, generator, texts, meta, info.get("layer_ranges"))
     seconds = time.time() - start
     prompts = evaluate.load_prompts(model_dir / "test-example-data" / "prompts.json")
     result = evaluate.evaluate(model, tokenizer, prompts, mmlu_rows, args.num_samples, args.batch_size)
-    return {**result, "mitigate_seconds": round(seconds, 1)}
+    guard = {
+        "guard_scale": mitigation.drift_guard.scale,
+        "guard_agreement_unscaled": mitigation.drift_guard.agreement_unscaled,
+        "layers_shrunk": mitigation.layer_bound.layers_shrunk,
+    }
+    return {**result, **guard, "mitigate_seconds": round(seconds, 1)}
 
 
 def bench_model(model_dir: Path, truth: dict, args, meta, mmlu_rows) -> list[dict]:
@@ -101,8 +115,24 @@ def _format(rows: list[dict]) -> str:
     lines = []
     for r in rows:
         values = (r.get(k) for k in ("asr", "false_trigger_rate", "mmlu", "agreement", "fidelity", "strict_fidelity"))
-        lines.append(f"{r['model']:<12} {r['variant']:<9} {r['steps']:>2} " + " ".join(cell(v) for v in values))
+        lines.append(f"{r['model']:<12} {r['variant']:<10} {r['steps']:>2} " + " ".join(cell(v) for v in values))
     return "\n".join(lines)
+
+
+def _override(meta, assignments: list[str]):
+    """``meta`` with ``KEY=VALUE`` assignments (JSON values, bare strings allowed), schema-checked."""
+    values = meta.to_dict()
+    for assignment in assignments:
+        key, sep, raw = assignment.partition("=")
+        if not sep or key not in values:
+            raise TeleLoRAError(f"--set {assignment}: expected KEY=VALUE with KEY a metaparameter")
+        try:
+            values[key] = json.loads(raw)
+        except ValueError:
+            values[key] = raw
+    schema = json.loads((REPO_ROOT / "metaparameters_schema.json").read_text())
+    metaparameters.validate(values, schema, Path("--set"))
+    return dataclasses.replace(meta, **{**values, "target_projections": tuple(values["target_projections"])})
 
 
 def main() -> None:
@@ -110,7 +140,10 @@ def main() -> None:
     parser.add_argument("--round", required=True, type=Path, help="a round folder with models/ and ground truth")
     parser.add_argument("--models", nargs="+", required=True, help="model folder names, e.g. id-00000001")
     parser.add_argument("--steps", nargs="+", type=int, default=[2], help="numbers of mitigation steps K")
-    parser.add_argument("--variants", nargs="+", choices=["telelora", "random"], default=["telelora", "random"])
+    parser.add_argument(
+        "--variants", nargs="+", choices=["telelora", "unguarded", "random"], default=["telelora", "random"]
+    )
+    parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="metaparameter overrides (JSON)")
     parser.add_argument("--learned_parameters", type=Path, default=REPO_ROOT / "learned_parameters")
     parser.add_argument("--metaparameters", type=Path, default=REPO_ROOT / "metaparameters.json")
     parser.add_argument("--num_samples", type=int, default=100, help="clean and triggered prompts per model")
@@ -122,6 +155,7 @@ def main() -> None:
         raise SystemExit("error: --steps, --num_samples, --batch_size must be at least 1, --mmlu_questions at least 0")
     try:  # every input checked before the first (long) mitigation
         meta = metaparameters.load(args.metaparameters, REPO_ROOT / "metaparameters_schema.json")
+        meta = _override(meta, args.set)
         load_bank(args.learned_parameters, meta)
         shipped = load_texts(args.learned_parameters).mmlu_rows
         mmlu_rows = evaluate.mmlu_subset(args.mmlu_questions, shipped) if args.mmlu_questions else []
@@ -137,13 +171,18 @@ def main() -> None:
         except TeleLoRAError as err:
             raise SystemExit(f"error: --out {args.out}: its folder cannot be written") from err
 
-    print("model        variant    K    ASR  false    MMLU  agree    Fid strict")
+    print("model        variant     K    ASR  false    MMLU  agree    Fid strict")
     settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "out"}
     rows = []
     for model_dir, truth in zip(model_dirs, truths, strict=True):
         rows += bench_model(model_dir, truth, args, meta, mmlu_rows)
         if args.out:
-            payload = {"settings": settings, "threads": torch.get_num_threads(), "rows": rows}
+            payload = {
+                "settings": settings,
+                "metaparameters": meta.to_dict(),
+                "threads": torch.get_num_threads(),
+                "rows": rows,
+            }
             atomic_write_text(args.out, json.dumps(payload, indent=2))
     print("\n" + _format(rows))
     if args.out:

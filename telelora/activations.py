@@ -2,7 +2,9 @@
 
 Each text contributes one row of ``X`` (N x H) per layer, reduced over its token
 positions as the ``activation_tokens`` metaparameter says: the mean over the prompt's
-tokens, its last token, or one seeded random token.
+tokens, the mean over the user's text only, its last token, or one seeded random token.
+The "user" mean leaves out BOS and the chat template (Llama-3.1's fixed system header
+among them), whose few outlier dimensions otherwise dominate the mean of a wide layer.
 """
 
 from __future__ import annotations
@@ -11,15 +13,15 @@ import torch
 from torch import nn
 
 from telelora.architectures import AdaptedLayer
-from telelora.chat import pad_id, padded, prompt_ids
+from telelora.chat import pad_id, padded, prompt_ids, user_token_mask
 
-TOKEN_MODES = ("mean", "last", "random")
+TOKEN_MODES = ("mean", "user", "last", "random")
 
 
 def _reduce(x: torch.Tensor, mask: torch.Tensor, mode: str, positions: torch.Tensor | None) -> torch.Tensor:
     """(B, T, H) activations -> (B, H) float32 rows."""
     x = x.float()
-    if mode == "mean":
+    if mode in ("mean", "user"):
         m = mask.unsqueeze(-1).to(x.dtype)
         return (x * m).sum(dim=1) / m.sum(dim=1).clamp_min(1)
     if mode == "last":
@@ -45,6 +47,7 @@ def collect(
         raise ValueError(f"activation_tokens must be one of {TOKEN_MODES}, got {token_mode!r}")
     device = next(model.parameters()).device
     sequences = [prompt_ids(tokenizer, t)[:max_tokens] for t in texts]
+    user_masks = [user_token_mask(tokenizer, t)[:max_tokens] for t in texts] if token_mode == "user" else []
     rng = torch.Generator().manual_seed(seed)
     positions_all = torch.tensor([int(torch.randint(len(s), (1,), generator=rng)) for s in sequences])
     rows: dict[str, list[torch.Tensor]] = {layer.name: [] for layer in layers}
@@ -61,7 +64,11 @@ def collect(
     try:
         for start in range(0, len(sequences), batch_size):
             ids, mask = padded(sequences[start : start + batch_size], pad_id(tokenizer), device)
-            state["mask"] = mask
+            pooled = mask.clone()  # which positions a row averages; attention still sees them all
+            if token_mode == "user":  # right padding: each text's user mask sits at its start
+                for row, keep in enumerate(user_masks[start : start + batch_size]):
+                    pooled[row, : len(keep)] *= torch.tensor(keep, dtype=mask.dtype, device=device)
+            state["mask"] = pooled
             state["positions"] = positions_all[start : start + batch_size].to(device)
             decoder(input_ids=ids, attention_mask=mask, use_cache=False)
     finally:

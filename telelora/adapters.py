@@ -92,14 +92,19 @@ class LowRankDelta:
             else:
                 self.factors[layer.name] = (u, step_size * b)
 
+    @torch.no_grad()
+    def scale(self, factor: float) -> None:
+        """Shrink the whole change to ``factor`` of itself: ``W = W0 + factor B A``."""
+        self.factors = {name: (a, factor * b) for name, (a, b) in self.factors.items()}
+
     @contextlib.contextmanager
-    def applied(self, layers: list[AdaptedLayer]) -> Iterator[None]:
-        """Run the model as if merged (``y += B (A x)``) without touching its weights."""
+    def applied(self, layers: list[AdaptedLayer], factor: float = 1.0) -> Iterator[None]:
+        """Run the model as if merged (``y += factor B (A x)``) without touching its weights."""
 
         def make_hook(a: torch.Tensor, b: torch.Tensor):
             def hook(module, args, output):
                 x = args[0]
-                return output + ((x.float() @ a.T) @ b.T).to(output.dtype)
+                return output + (factor * ((x.float() @ a.T) @ b.T)).to(output.dtype)
 
             return hook
 

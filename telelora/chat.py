@@ -11,14 +11,39 @@ import torch
 from tqdm import tqdm
 
 
-def prompt_ids(tokenizer, user_text: str) -> list[int]:
-    """Token ids of a one-turn user prompt, ready for the model's answer."""
+def _rendered(tokenizer, user_text: str) -> tuple[str, bool]:
+    """The prompt as text, and whether the tokenizer must add its special tokens to it."""
     if getattr(tokenizer, "chat_template", None):
         text = tokenizer.apply_chat_template(
             [{"role": "user", "content": user_text}], add_generation_prompt=True, tokenize=False
         )
-        return tokenizer(text, add_special_tokens=False)["input_ids"]
-    return tokenizer(user_text + "\n", add_special_tokens=True)["input_ids"]
+        return text, False
+    return user_text + "\n", True
+
+
+def prompt_ids(tokenizer, user_text: str) -> list[int]:
+    """Token ids of a one-turn user prompt, ready for the model's answer."""
+    text, special = _rendered(tokenizer, user_text)
+    return tokenizer(text, add_special_tokens=special)["input_ids"]
+
+
+def user_token_mask(tokenizer, user_text: str) -> list[bool]:
+    """Which tokens of :func:`prompt_ids` carry the user's text (not BOS, a system header or
+    template tokens). Found through the tokenizer's character offsets; all True when the
+    tokenizer gives none or the template rewrote the text beyond finding."""
+    text, special = _rendered(tokenizer, user_text)
+    ids = tokenizer(text, add_special_tokens=special)["input_ids"]
+    core = user_text.strip()
+    start = text.rfind(core)  # the last occurrence: a system header comes first
+    try:
+        offsets = tokenizer(text, add_special_tokens=special, return_offsets_mapping=True)["offset_mapping"]
+    except (NotImplementedError, ValueError, KeyError):  # slow tokenizers have no offsets
+        offsets = None
+    if start < 0 or not core or offsets is None or len(offsets) != len(ids):
+        return [True] * len(ids)
+    end = start + len(core)
+    mask = [e > s and s < end and e > start for s, e in offsets]
+    return mask if any(mask) else [True] * len(ids)
 
 
 def pad_id(tokenizer) -> int:
@@ -85,3 +110,32 @@ def greedy_answers(
             end = next((i + 1 for i, token in enumerate(row) if token in stops), len(row))
             answers.append(row[:end])  # nothing after the stop: no padding becomes a label
     return answers
+
+
+@torch.no_grad()
+def agreement(model, tokenizer, prompts: list[str], reference_answers: list[list[int]], batch_size: int) -> float:
+    """Mean, over prompts, of the fraction of reference answer tokens the model ranks first.
+
+    The reference is token ids, exactly as the unmitigated model generated them: decoding
+    to text and re-tokenising does not give the same ids back."""
+    if not prompts:
+        return float("nan")
+    device = next(model.parameters()).device
+    fractions = []
+    for start in range(0, len(prompts), batch_size):
+        heads = [prompt_ids(tokenizer, p) for p in prompts[start : start + batch_size]]
+        answers = reference_answers[start : start + batch_size]
+        # left padding ends every answer at the last position, so only the last
+        # (longest answer + 1) positions need logits
+        keep = max(len(a) for a in answers) + 1
+        ids, mask = padded([h + a for h, a in zip(heads, answers, strict=True)], pad_id(tokenizer), device, left=True)
+        logits = model(
+            input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=False, logits_to_keep=keep
+        ).logits
+        predicted = logits.argmax(dim=-1)
+        for row, answer in enumerate(answers):
+            if not answer:
+                continue
+            target = torch.tensor(answer, device=device)
+            fractions.append((predicted[row, keep - len(answer) - 1 : keep - 1] == target).float().mean().item())
+    return sum(fractions) / len(fractions) if fractions else float("nan")

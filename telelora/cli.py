@@ -232,7 +232,7 @@ def _test(opts, meta) -> int:
     mmlu_rows = evaluate.mmlu_subset(opts.mmlu_questions, shipped) if opts.mmlu_questions else []
     result_path = Path(opts.result_filepath)
     modelio.check_output_dir(result_path.parent)
-    device, dtype = modelio.pick_device_dtype(meta.dtype)
+    device, dtype = modelio.pick_device_dtype(meta.device, meta.dtype, model_dir)
     tokenizer = modelio.load_tokenizer(model_dir, opts.trust_remote_code)
     model = modelio.load_model(model_dir, device, dtype, opts.trust_remote_code)
     results = evaluate.evaluate(model, tokenizer, prompts, mmlu_rows, opts.num_samples, opts.batch_size)

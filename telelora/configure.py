@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from telelora import activations, alignment, checkpoint, learned, modelio
+from telelora import activations, alignment, checkpoint, guard, learned, modelio
 from telelora.adapters import Adapter, applied
 from telelora.architectures import AdaptedLayer, find_adapted_layers
 from telelora.chat import pad_id
@@ -46,7 +46,7 @@ from telelora.texts import TEXTS_FILE, Texts
 from telelora.texts import load as load_texts
 
 log = logging.getLogger(__name__)
-DATA_VERSION = 3  # bump when the cached per-model data changes meaning
+DATA_VERSION = 4  # bump when the cached per-model data changes meaning
 
 
 @dataclasses.dataclass
@@ -59,6 +59,7 @@ class TrainingModel:
     triggers: list[str]
     pad_id: int
     architecture: str
+    layer_types: dict[str, tuple[str, float]]  # layer name -> (projection type, depth)
 
 
 @dataclasses.dataclass
@@ -89,7 +90,7 @@ def list_model_dirs(configure_models_dir: str | Path | None, extra_model_dirs: l
 
 def load_llm(model_dir: Path, meta: Metaparameters, device) -> LoadedModel:
     """The frozen LLM with gradient checkpointing on, dropout off, and its adapted layers."""
-    _, dtype = modelio.pick_device_dtype(meta.dtype)
+    _, dtype = modelio.pick_device_dtype(meta.device, meta.dtype)
     modelio.check_model_dir(model_dir)
     model = modelio.load_model(model_dir, device, dtype)
     layers = find_adapted_layers(model, meta.target_projections)
@@ -147,8 +148,15 @@ def prepare(
             try:
                 saved = torch.load(cache, map_location="cpu", weights_only=True)
                 examples = [alignment.Example(i, label) for i, label in saved["examples"]]
+                layer_types = {name: (t, float(d)) for name, (t, d) in saved["layer_types"].items()}
                 item = TrainingModel(
-                    model_dir, saved["activations"], examples, saved["triggers"], saved["pad_id"], architecture
+                    model_dir,
+                    saved["activations"],
+                    examples,
+                    saved["triggers"],
+                    saved["pad_id"],
+                    architecture,
+                    layer_types,
                 )
                 log.info("%s: alignment data and activations from %s", model_dir.name, cache)
                 return item, None
@@ -181,13 +189,15 @@ def prepare(
         meta.jailbreak_rate,
     )
     acts = {k: v.cpu() for k, v in acts.items()}
-    item = TrainingModel(model_dir, acts, examples, triggers, pad_id(tokenizer), architecture)
+    layer_types = {layer.name: (layer.projection_type, layer.depth) for layer in loaded.layers}
+    item = TrainingModel(model_dir, acts, examples, triggers, pad_id(tokenizer), architecture, layer_types)
     if cache is not None:
         saved = {
             "activations": item.reference_activations,
             "examples": [(e.input_ids, e.labels) for e in examples],
             "triggers": triggers,
             "pad_id": item.pad_id,
+            "layer_types": {name: [t, d] for name, (t, d) in layer_types.items()},
         }
         checkpoint.save(cache, saved)
     return item, loaded
@@ -296,7 +306,8 @@ def meta_step(
 
 
 def _fingerprint(meta: Metaparameters, model_dirs: list[Path], texts: Texts, world: World) -> dict:
-    knobs = {k: v for k, v in meta.to_dict().items() if k != "train_iterations"}
+    # what only mitigate reads may change between a checkpoint and its resumption
+    knobs = {k: v for k, v in meta.to_dict().items() if k != "train_iterations" and not k.startswith("guard_")}
     models = [str(d.resolve()) for d in model_dirs]
     return {"metaparameters": knobs, "models": models, "texts": texts_digest(texts), "world_size": world.size}
 
@@ -318,7 +329,7 @@ def configure(
     started = time.time()
     random.seed(meta.seed)
     torch.manual_seed(meta.seed)
-    device, _ = modelio.pick_device_dtype(meta.dtype)
+    device, _ = modelio.pick_device_dtype(meta.device, meta.dtype)
     texts = load_texts(texts_dir)
     if meta.jailbreak_rate > 0 and not texts.jailbreak_templates:
         log.warning("%s has no jailbreak templates: alignment data gets triggers only", Path(texts_dir) / TEXTS_FILE)
@@ -426,12 +437,26 @@ def configure(
         "metaparameters": meta.to_dict(),
         "generator_parameters": learned.count_parameters(bank),
     }
+    norms = [pair for rank_norms in world.gather(adapter_norms(bank, items, meta, device)) for pair in rank_norms]
+    ranges = guard.layer_ranges(norms)
     if world.is_main:
         atomic_write_text(scratch / "configure" / "losses.json", json.dumps(records, indent=1))
-        learned.write(bank, provenance, texts_dir, out_dir)
+        learned.write(bank, provenance, texts_dir, out_dir, ranges)
         _log_summary(provenance, out_dir)
     world.barrier()
     return provenance
+
+
+@torch.no_grad()
+def adapter_norms(bank: GeneratorBank, items: list[TrainingModel], meta: Metaparameters, device) -> list:
+    """``(projection type, ||V^T U||_2)`` of every layer of every training model under the
+    trained generators: the range the drift guard bounds unseen models' layers by."""
+    norms = []
+    for item in items:
+        for name, (projection_type, depth) in item.layer_types.items():
+            x = item.reference_activations[name].to(device)
+            norms.append((projection_type, guard.spectral_norm(Adapter(*bank(projection_type, x, depth, meta.rank)))))
+    return norms
 
 
 def _pick_work(items: list[TrainingModel], pool: ModelPool, rng: random.Random, meta: Metaparameters) -> list:

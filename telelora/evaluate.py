@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from telelora.chat import greedy_answers, pad_id, padded, position_ids, prompt_ids
+from telelora.chat import agreement, greedy_answers, pad_id, padded, position_ids, prompt_ids
 from telelora.errors import TeleLoRAError
 from telelora.texts import mmlu_split
 
@@ -91,35 +91,6 @@ def mmlu_subset(size: int, shipped_rows: list[int]) -> list[dict]:
     if size > len(pool):
         raise TeleLoRAError(f"--mmlu_questions {size} exceeds the evaluation pool of {len(pool)}")
     return pool[:size]
-
-
-@torch.no_grad()
-def agreement(model, tokenizer, prompts: list[str], reference_answers: list[list[int]], batch_size: int) -> float:
-    """Mean, over prompts, of the fraction of reference answer tokens the model ranks first.
-
-    The reference is token ids, exactly as the unmitigated model generated them: decoding
-    to text and re-tokenising does not give the same ids back."""
-    if not prompts:
-        return float("nan")
-    device = next(model.parameters()).device
-    fractions = []
-    for start in range(0, len(prompts), batch_size):
-        heads = [prompt_ids(tokenizer, p) for p in prompts[start : start + batch_size]]
-        answers = reference_answers[start : start + batch_size]
-        # left padding ends every answer at the last position, so only the last
-        # (longest answer + 1) positions need logits
-        keep = max(len(a) for a in answers) + 1
-        ids, mask = padded([h + a for h, a in zip(heads, answers, strict=True)], pad_id(tokenizer), device, left=True)
-        logits = model(
-            input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=False, logits_to_keep=keep
-        ).logits
-        predicted = logits.argmax(dim=-1)
-        for row, answer in enumerate(answers):
-            if not answer:
-                continue
-            target = torch.tensor(answer, device=device)
-            fractions.append((predicted[row, keep - len(answer) - 1 : keep - 1] == target).float().mean().item())
-    return sum(fractions) / len(fractions) if fractions else float("nan")
 
 
 def reference_ids(item: dict, tokenizer) -> list[int]:

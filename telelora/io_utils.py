@@ -45,6 +45,8 @@ def publish_dir(staging: Path, final: str | Path) -> None:
     """
     final = Path(final)
     for path in staging.rglob("*"):  # some writers (safetensors) create 0600 files
+        if path.is_file() and path.stat().st_nlink > 1:
+            continue  # a hard link shares its mode with the original: never change the input's
         path.chmod(0o755 if path.is_dir() else 0o644)
     staging.chmod(0o755)
     if not final.exists():

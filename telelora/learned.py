@@ -1,7 +1,9 @@
 """``learned_parameters/``: generator weights, their config and provenance, and the texts.
 
 generators.safetensors   one EinNet per projection type
-generators.json          architecture config + provenance (data, steps, loss, date, metaparameters)
+generators.json          architecture config, provenance (data, steps, loss, date, metaparameters) and
+                         the layer ranges: per projection type the largest ||V^T U||_2 the generators
+                         gave on their training models (the drift guard's per-layer bound)
 texts.json               reference texts and alignment prompts (see telelora.texts)
 """
 
@@ -55,12 +57,18 @@ def load_bank(learned_dir: str | Path, meta: Metaparameters) -> tuple[GeneratorB
     return bank, info
 
 
-def write(bank: GeneratorBank, provenance: dict, texts_source_dir: str | Path, out_dir: str | Path) -> Path:
-    """Replace ``out_dir`` atomically with the generators, their provenance and the texts."""
+def write(
+    bank: GeneratorBank,
+    provenance: dict,
+    texts_source_dir: str | Path,
+    out_dir: str | Path,
+    layer_ranges: dict[str, float] | None = None,
+) -> Path:
+    """Replace ``out_dir`` atomically with the generators, their provenance, layer ranges and the texts."""
     with staged_dir(out_dir) as staging:
         state = {k: v.detach().float().cpu().contiguous() for k, v in bank.state_dict().items()}
         save_file(state, str(staging / WEIGHTS_FILE), metadata={"format": "pt"})
-        info = {"config": bank.config, "provenance": provenance}
+        info = {"config": bank.config, "provenance": provenance, "layer_ranges": layer_ranges}
         (staging / INFO_FILE).write_text(json.dumps(info, indent=2))
         shutil.copyfile(Path(texts_source_dir) / TEXTS_FILE, staging / TEXTS_FILE)
     return Path(out_dir)

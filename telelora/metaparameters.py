@@ -37,7 +37,12 @@ class Metaparameters:
     max_tokens: int
     answer_tokens: int
     activation_batch_size: int
+    device: str
     dtype: str
+    guard_min_agreement: float
+    guard_prompts: int
+    guard_answer_tokens: int
+    guard_layer_factor: float
     seed: int
 
     def to_dict(self) -> dict:

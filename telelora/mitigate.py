@@ -1,10 +1,10 @@
-"""Zero-shot mitigation: reference activations -> generated adapters -> merged weights.
+"""Zero-shot mitigation: reference activations -> generated adapters -> guarded change -> weights.
 
-``mitigate_model`` runs K steps; each recomputes the activations of the model as merged so
-far, generates one adapter per layer and composes ``W <- W (I + alpha V^T U)``.
-``run`` is the NIST job around it: it checks its inputs before loading anything, and once
-the input model has loaded it *always* leaves a loadable model + tokenizer behind, the
-unchanged one (with a loud log line) if anything in the mitigation fails.
+``plan_mitigation`` runs K steps; each recomputes the activations of the model as changed
+so far, generates one adapter per layer and composes ``W <- W (I + alpha V^T U)``; the drift
+guard (``telelora.guard``) bounds the result. ``run`` is the NIST job around it: it checks
+its inputs before loading anything, and once they pass it *always* leaves a loadable model
++ tokenizer behind, the unchanged one (with a loud log line) if anything fails.
 """
 
 from __future__ import annotations
@@ -18,13 +18,15 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from telelora import activations, modelio
+from telelora import activations, guard, modelio
 from telelora.adapters import Adapter, LowRankDelta, export_peft
 from telelora.architectures import AdaptedLayer, find_adapted_layers
 from telelora.errors import TeleLoRAError
 from telelora.generator import GeneratorBank
+from telelora.io_utils import atomic_write_text
 from telelora.learned import load_bank
 from telelora.metaparameters import Metaparameters
+from telelora.texts import Texts
 from telelora.texts import load as load_texts
 
 log = logging.getLogger(__name__)
@@ -57,41 +59,93 @@ def generate_adapters(
     return adapters
 
 
-def mitigate_model(model, tokenizer, bank: GeneratorBank, texts: list[str], meta: Metaparameters) -> LowRankDelta:
-    """Merge K generated adapter steps into ``model`` in place; return the equivalent LoRA.
+@dataclasses.dataclass
+class Mitigation:
+    """The change ``mitigate`` computed for one model, not yet written anywhere."""
+
+    layers: list[AdaptedLayer]
+    delta: LowRankDelta
+    layer_bound: guard.LayerBound
+    drift_guard: guard.DriftGuard
+
+
+def plan_mitigation(
+    model, tokenizer, bank, texts: Texts, meta: Metaparameters, layer_ranges: dict[str, float] | None
+) -> Mitigation:
+    """K generated adapter steps for ``model``, bounded by the drift guard; the model's weights
+    are not touched.
 
     Steps after the first read the activations of the model as changed so far (applied by
-    hooks, in float32); the weights are written once at the end.
-    """
+    hooks, in float32). Each step's adapters are bounded per layer by the ranges seen in
+    meta-training, then the whole change is scaled down if the model, run with it, drifts
+    too far from its own answers on shipped prompts (``telelora.guard``)."""
     layers = find_adapted_layers(model, meta.target_projections)
-    texts = texts[: meta.num_reference_texts]
-    if len(texts) < meta.rank:
-        raise ValueError(f"rank {meta.rank} needs at least as many reference texts, but only {len(texts)} ship")
-    if len(texts) < meta.num_reference_texts:
-        log.warning("only %d reference texts ship; using all of them", len(texts))
-    delta = LowRankDelta()
+    reference = texts.reference[: meta.num_reference_texts]
+    if len(reference) < meta.rank:
+        raise ValueError(f"rank {meta.rank} needs at least as many reference texts, but only {len(reference)} ship")
+    if len(reference) < meta.num_reference_texts:
+        log.warning("only %d reference texts ship; using all of them", len(reference))
+    delta, bound = LowRankDelta(), guard.LayerBound()
     for step in tqdm(range(meta.mitigation_steps), desc="mitigation steps", disable=meta.mitigation_steps == 1):
         with delta.applied(layers):
-            adapters = generate_adapters(bank, model, tokenizer, layers, texts, meta, seed=meta.seed + step)
+            adapters = generate_adapters(bank, model, tokenizer, layers, reference, meta, seed=meta.seed + step)
+        adapters = guard.bound_layers(adapters, layers, layer_ranges, meta.guard_layer_factor, bound)
         delta.add_step(layers, adapters, meta.step_size)
-    delta.merge(layers)
-    for layer in layers:
+    drift = guard.fit_scale(
+        model,
+        tokenizer,
+        layers,
+        delta,
+        texts.alignment[: meta.guard_prompts],
+        meta.guard_min_agreement,
+        meta.guard_answer_tokens,
+        meta.activation_batch_size,
+    )
+    log.info(
+        "adapted %d layers over %d step(s); %d shrunk by the layer bound; drift guard scale %.3f",
+        len(delta),
+        meta.mitigation_steps,
+        bound.layers_shrunk,
+        drift.scale,
+    )
+    return Mitigation(layers, delta, bound, drift)
+
+
+def mitigate_model(
+    model, tokenizer, bank, texts: Texts, meta: Metaparameters, layer_ranges: dict[str, float] | None = None
+) -> Mitigation:
+    """:func:`plan_mitigation`, merged into ``model``'s weights in place (for benches and
+    experiments; the ``mitigate`` job writes the change into a copy of the checkpoint)."""
+    mitigation = plan_mitigation(model, tokenizer, bank, texts, meta, layer_ranges)
+    mitigation.delta.merge(mitigation.layers)
+    for layer in mitigation.layers:
         if not torch.isfinite(layer.module.weight).all():
             raise FloatingPointError(f"merged weight of {layer.name} is not finite")
-    log.info("merged %d adapted layers over %d step(s)", len(delta), meta.mitigation_steps)
-    return delta
+    return mitigation
 
 
 @dataclasses.dataclass
 class MitigationReport:
+    """``telelora_report.json``: what happened, so a reader of the output folder knows."""
+
     mitigated: bool
     reason: str
     model_architecture: str | None
-    num_layers_adapted: int
-    seconds: dict[str, float]  # load and mitigate (the log line adds save)
+    num_layers_adapted: int = 0
+    device: str | None = None
+    compute_dtype: str | None = None
+    layer_bound: dict | None = None
+    drift_guard: dict | None = None
+    seconds: dict[str, float] = dataclasses.field(default_factory=dict)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2)
+
+
+UNFINISHED = (
+    "unfinished: these are the input's own files, written before mitigation started; "
+    "the run stopped before it could replace them (killed, out of host memory or out of time)"
+)
 
 
 def run(
@@ -102,7 +156,14 @@ def run(
     trust_remote_code: bool = False,
     peft_dir: str | Path | None = None,
 ) -> MitigationReport:
-    """The ``mitigate`` job. Raises :class:`TeleLoRAError` only before the model has loaded."""
+    """The ``mitigate`` job. Raises :class:`TeleLoRAError` only for bad input, before anything
+    is written.
+
+    Once the folder has passed its checks, the input's own files go to ``output_dir`` first
+    (hard links where possible: instant), so a loadable model is there even if the process
+    is killed. Loading, mitigating and writing then happen; any failure among them (out of
+    memory on the GPU or the host, a CUDA error, a model transformers cannot build, a full
+    disk) leaves that copy in place with a report saying why."""
     clock = time.time()
     seconds: dict[str, float] = {}
 
@@ -116,46 +177,55 @@ def run(
     modelio.check_model_dir(model_dir)
     modelio.check_not_replacing(output_dir, model_dir, "--output_dirpath")
     modelio.check_output_dir(output_dir)
+    exclude = []
     if peft_dir is not None:
         for protected in (model_dir, output_dir):
             modelio.check_not_replacing(Path(peft_dir), protected, "--peft_dirpath")
         modelio.check_output_dir(Path(peft_dir))
+        exclude.append(Path(peft_dir))
     architecture = modelio.round_config(model_dir).get("model_architecture")
-    device, dtype = modelio.pick_device_dtype(meta.dtype)
     tokenizer = modelio.load_tokenizer(model_dir, trust_remote_code)
-    model = modelio.load_model(model_dir, device, dtype, trust_remote_code)
-    log.info("loaded %s (%s) on %s in %s", model_dir, architecture or type(model).__name__, device, dtype)
-    lap("load")
 
-    torch.manual_seed(meta.seed)
-    delta, failure = None, None
+    report = MitigationReport(mitigated=False, reason=UNFINISHED, model_architecture=architecture, seconds=seconds)
     try:
-        bank, _ = load_bank(learned_dir, meta)
-        bank.to(device)
-        texts = load_texts(learned_dir).reference
-        delta = mitigate_model(model, tokenizer, bank, texts, meta)
-    except Exception as err:  # any failure after loading: keep the unchanged model
-        failure = f"{type(err).__name__}: {err}"
-        log.error("MITIGATION FAILED, SAVING THE UNCHANGED MODEL: %s", failure)
-    lap("mitigate")
+        modelio.copy_model_files(model_dir, output_dir, {REPORT_FILE: report.to_json()}, link=True, exclude=exclude)
+    except OSError as err:
+        raise TeleLoRAError(f"the output folder {output_dir} cannot be written ({err})") from err
+    lap("copy_input")
 
-    report = MitigationReport(
-        mitigated=failure is None,
-        reason=failure or "mitigated",
-        model_architecture=architecture,
-        num_layers_adapted=0 if delta is None else len(delta),
-        seconds=seconds,
-    )
-    if failure is None:
-        modelio.save_model(model, tokenizer, output_dir, extra_files={REPORT_FILE: report.to_json()})
-    else:  # the input's own files: no reload, no second chance to run out of memory
-        del model
-        modelio.copy_model_files(model_dir, output_dir, extra_files={REPORT_FILE: report.to_json()})
-    lap("save")
-    log.info("wrote %s (mitigated: %s; seconds %s)", output_dir, report.mitigated, seconds)
-    if delta is not None and peft_dir is not None:
+    mitigation = None
+    try:
+        device, dtype = modelio.pick_device_dtype(meta.device, meta.dtype, model_dir)
+        report.device, report.compute_dtype = str(device), str(dtype).removeprefix("torch.")
+        model = modelio.load_model(model_dir, device, dtype, trust_remote_code)
+        log.info("loaded %s (%s) on %s in %s", model_dir, architecture or type(model).__name__, device, dtype)
+        lap("load")
+        torch.manual_seed(meta.seed)
+        bank, info = load_bank(learned_dir, meta)
+        bank.to(device)
+        mitigation = plan_mitigation(model, tokenizer, bank, load_texts(learned_dir), meta, info.get("layer_ranges"))
+        report.num_layers_adapted = len(mitigation.delta)
+        report.layer_bound = dataclasses.asdict(mitigation.layer_bound)
+        report.drift_guard = dataclasses.asdict(mitigation.drift_guard)
+        lap("mitigate")
+        changed = [layer for layer in mitigation.layers if layer.name in mitigation.delta.factors]
+        names = modelio.checkpoint_names(model_dir, {f"{x.name}.weight": tuple(x.module.weight.shape) for x in changed})
+        changes = {names[f"{x.name}.weight"]: mitigation.delta.factors[x.name] for x in changed}
+        del model  # the weights are written from the checkpoint's own tensors, one shard at a time
+        report.mitigated, report.reason = True, "mitigated"
+        modelio.save_mitigated(model_dir, output_dir, changes, {REPORT_FILE: report.to_json()}, exclude)
+        lap("save")
+    except Exception as err:  # anything after the checks: the input's own files stay in the output
+        report.mitigated, report.reason = False, f"{type(err).__name__}: {err}"
+        log.error("MITIGATION FAILED; THE OUTPUT HOLDS THE UNCHANGED INPUT MODEL: %s", report.reason)
         try:
-            export_peft(delta, peft_dir, base_model_name=str(model_dir))
+            atomic_write_text(output_dir / REPORT_FILE, report.to_json())
+        except OSError as write_err:
+            log.error("could not update %s (%s); the unchanged model is in place", REPORT_FILE, write_err)
+    log.info("wrote %s (mitigated: %s; seconds %s)", output_dir, report.mitigated, seconds)
+    if report.mitigated and peft_dir is not None:
+        try:
+            export_peft(mitigation.delta, peft_dir, base_model_name=str(model_dir))
         except Exception as err:
             message = f"the mitigated model is saved, but the PEFT export to {peft_dir} failed: {err}"
             raise TeleLoRAError(message) from err

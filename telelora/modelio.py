@@ -1,20 +1,31 @@
-"""Load a model folder safely and save a model + tokenizer atomically.
+"""Load a model folder safely; write a mitigated copy of it that any evaluator reads alike.
 
 A folder is checked before anything heavy happens, so bad input gets one line that names
 the file and the fix: missing folder, no ``config.json``, no or unreadable safetensors,
 unknown architecture, no tokenizer. Only safetensors are loaded and ``trust_remote_code``
 stays off unless the caller turns it on.
+
+The output is never ``save_pretrained``: that rewrites config and tokenizer files in the
+installed transformers' own format (transformers 5 moves ``rope_theta`` into
+``rope_parameters`` and the chat template out of ``tokenizer_config.json``), which an
+older evaluator misreads silently. Instead every input file is copied byte for byte and
+only the changed tensors are rewritten, in their own shards, names and dtype.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
+import math
+import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
+from safetensors.torch import save_file
 
 from telelora.errors import TeleLoRAError
 from telelora.io_utils import staged_dir, staging_dir
@@ -90,12 +101,89 @@ def round_config(model_dir: Path) -> dict:
     return {}
 
 
-def pick_device_dtype(dtype: str = "auto") -> tuple[torch.device, torch.dtype]:
-    """bf16 on a GPU and fp32 on a CPU unless ``dtype`` says otherwise."""
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if dtype == "auto":
-        return device, torch.bfloat16 if device.type == "cuda" else torch.float32
-    return device, {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+_SAFETENSORS_FLOATS = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+NO_GPU_WARNING = (
+    "NO GPU IS VISIBLE although the metaparameters ask for one (device: cuda): running on the CPU, "
+    "which is slow at LLM scale. Run the container with --nv (apptainer) or --gpus (docker)."
+)
+
+
+def checkpoint_summary(model_dir: Path) -> tuple[torch.dtype | None, int]:
+    """The dtype most of the checkpoint's floating-point weights are stored in, and the
+    number of bytes all weights take on disk, from the safetensors headers alone."""
+    elements: dict[str, int] = {}
+    size = 0
+    for file in weight_files(model_dir):
+        size += file.stat().st_size
+        with safe_open(str(file), framework="pt") as f:
+            for key in f.keys():
+                piece = f.get_slice(key)
+                elements[piece.get_dtype()] = elements.get(piece.get_dtype(), 0) + math.prod(piece.get_shape())
+    floating = {k: v for k, v in elements.items() if k in _SAFETENSORS_FLOATS}
+    stored = _SAFETENSORS_FLOATS[max(floating, key=floating.__getitem__)] if floating else None
+    return stored, size
+
+
+def available_memory_bytes() -> int | None:
+    """Host memory this process may still take: MemAvailable, capped by a cgroup (container)
+    limit; None when neither can be read."""
+    found = []
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                found.append(int(line.split()[1]) * 1024)
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit != "max":
+            found.append(int(limit) - int(Path("/sys/fs/cgroup/memory.current").read_text()))
+    except (OSError, ValueError):
+        pass
+    return min(found) if found else None
+
+
+@functools.cache
+def _warn_once(message: str) -> None:
+    log.warning(message)
+
+
+def pick_device_dtype(
+    device: str = "auto", dtype: str = "auto", model_dir: Path | None = None
+) -> tuple[torch.device, torch.dtype]:
+    """Where and in which dtype to run an LLM (the ``device`` and ``dtype`` metaparameters).
+
+    ``device`` cuda that finds no GPU runs on the CPU with a loud warning (an image started
+    without ``--nv``), never silently. ``dtype`` auto is bfloat16 on a GPU; on a CPU it is
+    float32 when that copy of ``model_dir``'s weights fits in the free host memory with room
+    to spare, else the checkpoint's own dtype: a float32 copy of an 8B model (32 GB) could
+    get the process killed before it writes anything.
+    """
+    use_cuda = device != "cpu" and torch.cuda.is_available()
+    chosen = torch.device("cuda" if use_cuda else "cpu")
+    if device != "cpu" and not use_cuda:
+        _warn_once(NO_GPU_WARNING if device == "cuda" else "no GPU is visible; running on the CPU")
+    if dtype != "auto":
+        return chosen, _DTYPES[dtype]
+    if use_cuda:
+        return chosen, torch.bfloat16
+    if model_dir is not None:
+        stored, size = checkpoint_summary(model_dir)
+        if stored is not None and stored != torch.float32:
+            needed = 2.5 * size * 4 / stored.itemsize  # the float32 copy, plus room for activations and saving
+            free = available_memory_bytes()
+            if free is not None and needed > free:
+                log.warning(
+                    "a float32 copy of %s needs about %.1f GB but %.1f GB of host memory are free: "
+                    "running on the CPU in its own dtype %s",
+                    model_dir,
+                    needed / 2**30,
+                    free / 2**30,
+                    stored,
+                )
+                return chosen, stored
+    return chosen, torch.float32
 
 
 def load_tokenizer(model_dir: Path, trust_remote_code: bool = False):
@@ -112,15 +200,19 @@ def load_tokenizer(model_dir: Path, trust_remote_code: bool = False):
 
 
 def load_model(model_dir: Path, device: torch.device, dtype: torch.dtype, trust_remote_code: bool = False):
-    """Load a causal LM from a checked folder, frozen and in eval mode."""
+    """Load a causal LM from a checked folder, frozen and in eval mode.
+
+    On a GPU the weights go straight from the files to the device (``device_map``): no full
+    copy passes through host memory (16 GB at 8B)."""
     from transformers import AutoModelForCausalLM
 
     check_model_dir(model_dir)
+    placement = {"device_map": {"": str(device)}} if device.type != "cpu" else {}
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            str(model_dir), dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code
+            str(model_dir), dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code, **placement
         )
-        model.to(device)
+        model.to(device)  # a no-op when device_map placed it already
     except torch.OutOfMemoryError as err:
         raise TeleLoRAError(f"{model_dir}: the model does not fit on {device} in {dtype} ({err})") from err
     except Exception as err:
@@ -154,21 +246,118 @@ def check_not_replacing(target: Path, protected: Path, flag: str) -> None:
         )
 
 
-def copy_model_files(model_dir: Path, output_dir: Path, extra_files: dict[str, str] | None = None) -> None:
-    """Publish the input folder's own files, byte for byte (its sub-folders, such as an
-    output folder inside it, are left out): the surest "unchanged model" there is."""
+def _copy_entries(src: Path, dst: Path, skip: Callable[[Path], bool], link: bool) -> None:
+    """Copy ``src``'s files and sub-folders into ``dst`` byte for byte, except hidden entries
+    and those ``skip`` names; ``link`` hard-links files where the file system allows it."""
+    for path in sorted(src.iterdir()):
+        if path.name.startswith(".") or skip(path):
+            continue
+        if path.is_dir():
+            (dst / path.name).mkdir()
+            _copy_entries(path, dst / path.name, skip, link)
+        elif path.is_file():
+            if link:
+                try:
+                    os.link(path, dst / path.name)
+                    continue
+                except OSError:  # another file system, or links not allowed
+                    pass
+            shutil.copyfile(path, dst / path.name)
+
+
+def _skipper(output_dirs: list[Path], weights: set[Path] = frozenset()) -> Callable[[Path], bool]:
+    """Leave out output folders inside the input (and any folder holding one), and ``weights``."""
+    outputs = [Path(d).resolve() for d in output_dirs]
+
+    def skip(path: Path) -> bool:
+        resolved = path.resolve()
+        return resolved in weights or any(resolved == out or resolved in out.parents for out in outputs)
+
+    return skip
+
+
+def copy_model_files(
+    model_dir: Path,
+    output_dir: Path,
+    extra_files: dict[str, str] | None = None,
+    link: bool = False,
+    exclude: list[Path] | None = None,
+) -> None:
+    """Publish the input folder's own files, byte for byte: the surest "unchanged model"
+    there is. Folders in ``exclude`` (and ``output_dir``) are left out, as are those holding
+    them: NIST's output folder lies inside the model folder. ``link`` hard-links the files
+    instead of copying them where it can (instant, and just as byte-identical)."""
     with staged_dir(output_dir) as staging:
-        for path in model_dir.iterdir():
-            if path.is_file() and not path.name.startswith("."):
-                shutil.copyfile(path, staging / path.name)
+        _copy_entries(model_dir, staging, _skipper([output_dir, *(exclude or [])]), link)
         for name, text in (extra_files or {}).items():
             (staging / name).write_text(text)
 
 
-def save_model(model, tokenizer, output_dir: Path, extra_files: dict[str, str] | None = None) -> None:
-    """``save_pretrained`` model + tokenizer into a staging folder, then publish it atomically."""
+def checkpoint_names(model_dir: Path, weights: dict[str, tuple[int, ...]]) -> dict[str, str]:
+    """The checkpoint tensor name of each model weight (``{parameter name: shape}``).
+
+    A name is the parameter's own when the checkpoint holds it; otherwise the one checkpoint
+    name that ends with the parameter's path from its block list on (``layers.3.mlp.up_proj
+    .weight``), for checkpoints stored under another prefix. Shapes must agree: a weight that
+    cannot be matched exactly is an error, never a guess."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for file in weight_files(model_dir):
+        with safe_open(str(file), framework="pt") as f:
+            for key in f.keys():
+                shapes[key] = tuple(f.get_slice(key).get_shape())
+    names = {}
+    for name, shape in weights.items():
+        if name in shapes:
+            key = name
+        else:
+            tail = name[name.find("layers.") :] if "layers." in name else name
+            matches = [k for k in shapes if k == tail or k.endswith("." + tail)]
+            if len(matches) != 1:
+                raise TeleLoRAError(f"{model_dir}: no single checkpoint tensor matches {name} (found {matches})")
+            key = matches[0]
+        if shapes[key] != tuple(shape):
+            raise TeleLoRAError(f"{model_dir}: checkpoint tensor {key} has shape {shapes[key]}, the model {shape}")
+        names[name] = key
+    return names
+
+
+def save_mitigated(
+    model_dir: Path,
+    output_dir: Path,
+    changes: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    extra_files: dict[str, str] | None = None,
+    exclude: list[Path] | None = None,
+) -> None:
+    """Publish the input folder with ``W + B A`` written into the changed weights.
+
+    ``changes`` maps checkpoint tensor names to float32 ``(A, B)``. Every other file is
+    copied byte for byte (config, generation config, tokenizer, chat template, round
+    files...), so the output loads the way the input does with any transformers version;
+    each changed shard keeps its file name, tensor names, dtypes and metadata, and the
+    index is copied as it is. The change is added to the weights as stored (float32
+    arithmetic, one rounding to the stored dtype), one shard in memory at a time."""
+    files = weight_files(model_dir)
     with staged_dir(output_dir) as staging:
-        model.save_pretrained(str(staging), safe_serialization=True)
-        tokenizer.save_pretrained(str(staging))
+        _copy_entries(model_dir, staging, _skipper([output_dir, *(exclude or [])], {f.resolve() for f in files}), False)
+        remaining = dict(changes)
+        for file in files:
+            with safe_open(str(file), framework="pt") as f:
+                keys, metadata = list(f.keys()), f.metadata()
+                if not remaining.keys() & set(keys):
+                    shutil.copyfile(file, staging / file.name)
+                    continue
+                tensors = {key: f.get_tensor(key) for key in keys}
+            for key in keys:
+                if key in remaining:
+                    a, b = remaining.pop(key)
+                    stored = tensors[key]
+                    merged = stored.float() + b.float().cpu() @ a.float().cpu()
+                    if not torch.isfinite(merged).all():
+                        raise FloatingPointError(f"the mitigated {key} is not finite")
+                    tensors[key] = merged.to(stored.dtype).contiguous()
+            save_file(tensors, str(staging / file.name), metadata=metadata)
+            del tensors
+        if remaining:
+            raise TeleLoRAError(f"{model_dir}: the checkpoint holds no tensors named {sorted(remaining)}")
         for name, text in (extra_files or {}).items():
             (staging / name).write_text(text)

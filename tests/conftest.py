@@ -32,7 +32,12 @@ SMALL_META = {
     "max_tokens": 64,
     "answer_tokens": 4,
     "activation_batch_size": 8,
+    "device": "cpu",
     "dtype": "float32",
+    "guard_min_agreement": 0.0,
+    "guard_prompts": 4,
+    "guard_answer_tokens": 4,
+    "guard_layer_factor": 0.0,
     "seed": 7,
 }
 
@@ -95,3 +100,10 @@ def tiny_round(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("round") / "tiny-round"
     round_builder.build_round(REPO / "rounds" / "tiny.json", out)
     return out
+
+
+@pytest.fixture(scope="session")
+def round_like_models(tmp_path_factory) -> dict[str, Path]:
+    """Read-only tiny folders laid out like the round's (transformers-4 files, bf16 shards + index)."""
+    root = tmp_path_factory.mktemp("round-like")
+    return {kind: tiny.build_round_like(kind, root / kind, seed=i) for i, kind in enumerate(tiny.ROUND_LIKE)}

@@ -5,7 +5,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from telelora import cli, configure, learned, metaparameters
+from telelora import cli, configure, guard, learned, metaparameters
 from telelora.adapters import Adapter, applied
 from telelora.errors import TeleLoRAError
 
@@ -81,6 +81,11 @@ def test_configure_trains_and_writes_loadable_learned_parameters(tmp_path, tiny_
     assert [r["step"] for r in log] == [0, 1, 2] and all(len(r["models"]) == 1 for r in log)
     assert set(info["provenance"]["per_model_loss"]) <= {"id-llama", "id-gemma2"}
     assert (out / "texts.json").read_bytes() == (REPO / "learned_parameters" / "texts.json").read_bytes()
+    # the drift guard's layer ranges: every projection type, as the calibration measures them
+    ranges = info["layer_ranges"]
+    assert set(ranges) == {"q", "k", "v", "o", "gate", "up", "down"} and all(r > 0 for r in ranges.values())
+    again = guard.calibrate(out, [round_models / "id-gemma2", round_models / "id-llama"], meta)
+    assert again == pytest.approx(ranges, rel=1e-4)
 
 
 def test_configure_is_deterministic(tmp_path, tiny_models):

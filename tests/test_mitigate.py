@@ -3,15 +3,17 @@
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from telelora import cli, mitigate
+from telelora import cli, mitigate, modelio
 
 from .conftest import REPO, write_meta
 
@@ -228,7 +230,7 @@ def test_shipped_learned_parameters_change_a_tiny_model(tmp_path, model_copy):
     model_dir = model_copy("gemma2")
     assert cli.main(["mitigate", "--model", str(model_dir), "--output_dirpath", str(tmp_path / "out")]) == 0
     report = json.loads((tmp_path / "out" / mitigate.REPORT_FILE).read_text())
-    assert report["mitigated"] and set(report["seconds"]) == {"load", "mitigate"}
+    assert report["mitigated"] and set(report["seconds"]) == {"copy_input", "load", "mitigate"}
     original, mitigated = (AutoModelForCausalLM.from_pretrained(p) for p in (model_dir, tmp_path / "out"))
     assert (original(IDS).logits - mitigated(IDS).logits).abs().max() > 1e-4
 
@@ -243,3 +245,99 @@ def test_output_folder_that_would_replace_the_input_is_refused(
     assert cli.main(_nist_args(model_dir, output, meta_file, learned_dir, tmp_path)) == 1
     assert "would replace" in capsys.readouterr().err
     assert _digest(model_dir) == before
+
+
+def _fail(error):
+    def raiser(*args, **kwargs):
+        raise error
+
+    return raiser
+
+
+def _disk_full_after_a_partial_shard(tensors, filename, metadata=None):
+    Path(filename).write_bytes(b"\x00" * 100)  # half-written, as a full disk leaves it
+    raise OSError(28, "No space left on device")
+
+
+FAULTS = {
+    "gpu out of memory while loading": (
+        lambda mp: mp.setattr(
+            "transformers.AutoModelForCausalLM.from_pretrained",
+            _fail(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")),
+        ),
+        "CUDA out of memory",
+    ),
+    "cuda error while loading": (
+        lambda mp: mp.setattr(
+            "transformers.AutoModelForCausalLM.from_pretrained", _fail(RuntimeError("CUDA error: an illegal access"))
+        ),
+        "CUDA error",
+    ),
+    "host out of memory while mitigating": (
+        lambda mp: mp.setattr(mitigate, "plan_mitigation", _fail(MemoryError("cannot allocate"))),
+        "MemoryError",
+    ),
+    "error while mitigating": (
+        lambda mp: mp.setattr(mitigate.guard, "fit_scale", _fail(RuntimeError("guard exploded"))),
+        "guard exploded",
+    ),
+    "disk full while saving": (
+        lambda mp: mp.setattr(modelio, "save_file", _disk_full_after_a_partial_shard),
+        "No space left on device",
+    ),
+}
+
+
+@pytest.mark.parametrize("fault", FAULTS)
+def test_every_failure_after_the_checks_leaves_the_input_model(
+    tmp_path, round_like_models, meta_file, learned_dir, monkeypatch, capsys, fault
+):
+    inject, message = FAULTS[fault]
+    model_dir = Path(shutil.copytree(round_like_models["llama3.1"], tmp_path / "model"))
+    output = model_dir / "output"
+    inject(monkeypatch)
+    assert cli.main(_nist_args(model_dir, output, meta_file, learned_dir, tmp_path)) == 0
+    err = capsys.readouterr().err
+    assert "MITIGATION FAILED" in err and "UNCHANGED model was saved" in err and message in err
+    report = json.loads((output / mitigate.REPORT_FILE).read_text())
+    assert not report["mitigated"] and message in report["reason"]
+    assert _digest(output) == {**_digest(model_dir), mitigate.REPORT_FILE: _digest(output)[mitigate.REPORT_FILE]}
+    assert not [p for p in model_dir.iterdir() if p.name.startswith(".")]  # no staging left behind
+    flagged = _nist_args(model_dir, tmp_path / "o2", meta_file, learned_dir, tmp_path, "--fail_on_fallback")
+    assert cli.main(flagged) == 3 and (tmp_path / "o2" / "model.safetensors.index.json").is_file()
+    monkeypatch.undo()
+    AutoModelForCausalLM.from_pretrained(output)
+    AutoTokenizer.from_pretrained(output)
+
+
+def test_a_killed_run_leaves_the_input_model(tmp_path, model_copy, meta_file, learned_dir):
+    """The input's files are in the output before loading starts: SIGKILL (the out-of-memory
+    killer, a harness timeout) mid-mitigation still leaves a loadable model."""
+    model_dir = model_copy("llama")
+    output = model_dir / "output"
+    args = _nist_args(model_dir, output, meta_file, learned_dir, tmp_path)
+    script = (
+        "import os, signal, sys\n"
+        "from telelora import cli, mitigate\n"
+        "mitigate.plan_mitigation = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)\n"
+        f"sys.exit(cli.main({args!r}))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == -9, result.stderr[-2000:]
+    report = json.loads((output / mitigate.REPORT_FILE).read_text())
+    assert not report["mitigated"] and report["reason"].startswith("unfinished")
+    assert _digest(output) == {**_digest(model_dir), mitigate.REPORT_FILE: _digest(output)[mitigate.REPORT_FILE]}
+    AutoModelForCausalLM.from_pretrained(output)
+    AutoTokenizer.from_pretrained(output)
+
+
+def test_report_says_what_the_guard_did(tmp_path, model_copy, learned_dir):
+    meta = write_meta(tmp_path / "m.json", guard_min_agreement=0.99, guard_prompts=3, guard_layer_factor=1.0)
+    model_dir = model_copy("qwen2")
+    assert cli.main(_nist_args(model_dir, tmp_path / "out", meta, learned_dir, tmp_path)) == 0
+    report = json.loads((tmp_path / "out" / mitigate.REPORT_FILE).read_text())
+    assert report["mitigated"] and report["device"] == "cpu" and report["compute_dtype"] == "float32"
+    assert not report["layer_bound"]["applied"] and "no layer ranges" in report["layer_bound"]["reason"]
+    drift = report["drift_guard"]
+    assert drift["applied"] and drift["prompts"] == 3 and drift["min_agreement"] == 0.99
+    assert drift["agreement"] >= 0.99 and drift["scale"] < 1.0  # the random test generators drift far

@@ -1,0 +1,223 @@
+"""The drift guard: bounds on how far ``mitigate`` may move a model it has never seen.
+
+The generators were meta-trained on a handful of LLMs; on a wider or otherwise unfamiliar
+model they can write adapters far larger than any they produced in training, and a step
+large enough to wreck the model scores zero on the leaderboard. Two data-free bounds:
+
+* **per layer**: each step's ``V^T U`` may have a spectral norm (the largest factor by which
+  it stretches any input) of at most ``guard_layer_factor`` times the largest the
+  generators gave that projection type on their training models, recorded with the learned
+  parameters (:func:`layer_ranges`);
+* **whole model**: the mitigated model, run with the change hooked in, must still rank first
+  at least ``guard_min_agreement`` of the unmitigated model's own greedy answer tokens on
+  shipped prompts; otherwise the whole change is scaled down (bisection) until it does.
+
+Neither knows anything of a Trojan: they keep a change that stays close to the model and
+shrink one that does not. What they did goes into ``telelora_report.json``.
+
+Learned parameters from before ``configure`` recorded the ranges get them with
+
+    python -m telelora.guard learned_parameters MODEL_DIR [MODEL_DIR ...]   # their training models
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from telelora import metaparameters
+from telelora.adapters import Adapter, LowRankDelta
+from telelora.architectures import AdaptedLayer
+from telelora.chat import agreement, greedy_answers
+from telelora.errors import TeleLoRAError
+from telelora.io_utils import atomic_write_text
+
+log = logging.getLogger(__name__)
+SEARCH_STEPS = 6  # bisection steps on the scale: the kept scale is within 1/64 of the largest allowed
+
+
+def spectral_norm(adapter: Adapter) -> float:
+    """``||V^T U||_2`` through the r x r core: ``V^T = Q_v R_v``, ``U^T = Q_u R_u`` give
+    ``V^T U = Q_v (R_v R_u^T) Q_u^T``, whose norm is that of ``R_v R_u^T``."""
+    r_v = torch.linalg.qr(adapter.v.double().T, mode="r").R
+    r_u = torch.linalg.qr(adapter.u.double().T, mode="r").R
+    return float(torch.linalg.matrix_norm(r_v @ r_u.T, ord=2))
+
+
+def layer_ranges(norms: list[tuple[str, float]]) -> dict[str, float]:
+    """The largest ``||V^T U||_2`` per projection type over ``(type, norm)`` pairs."""
+    ranges: dict[str, float] = {}
+    for projection_type, norm in norms:
+        ranges[projection_type] = max(ranges.get(projection_type, 0.0), norm)
+    return {k: round(v, 6) for k, v in sorted(ranges.items())}
+
+
+@dataclasses.dataclass
+class LayerBound:
+    """What the per-layer bound did in one mitigation (all steps)."""
+
+    applied: bool = False
+    reason: str = ""
+    layers_checked: int = 0
+    layers_shrunk: int = 0
+    largest_ratio: float = 0.0  # largest ||V^T U||_2 / bound seen before shrinking
+
+
+def bound_layers(
+    adapters: dict[str, Adapter],
+    layers: list[AdaptedLayer],
+    ranges: dict[str, float] | None,
+    factor: float,
+    record: LayerBound,
+) -> dict[str, Adapter]:
+    """Shrink each adapter whose ``||V^T U||_2`` exceeds ``factor`` times its type's range."""
+    if factor <= 0:
+        record.reason = "off (guard_layer_factor 0)"
+        return adapters
+    if not ranges:
+        record.reason = "off: the learned parameters record no layer ranges (run python -m telelora.guard)"
+        return adapters
+    record.applied, record.reason = True, f"{factor} x the meta-training range"
+    bounded = {}
+    for layer in layers:
+        adapter = adapters.get(layer.name)
+        if adapter is None:
+            continue
+        bound = factor * ranges.get(layer.projection_type, 0.0)
+        norm = spectral_norm(adapter)
+        record.layers_checked += 1
+        if bound <= 0:
+            bounded[layer.name] = Adapter(adapter.u, torch.zeros_like(adapter.v))  # a type training never moved
+            record.layers_shrunk += norm > 0
+            continue
+        record.largest_ratio = max(record.largest_ratio, norm / bound)
+        if norm > bound:
+            adapter = Adapter(adapter.u, adapter.v * (bound / norm))
+            record.layers_shrunk += 1
+        bounded[layer.name] = adapter
+    return bounded
+
+
+@dataclasses.dataclass
+class DriftGuard:
+    """What the whole-model guard measured and chose."""
+
+    applied: bool = False
+    min_agreement: float = 0.0
+    prompts: int = 0
+    agreement_unscaled: float | None = None
+    scale: float = 1.0
+    agreement: float | None = None
+    evaluations: int = 0
+    seconds: float = 0.0
+
+
+@torch.no_grad()
+def fit_scale(
+    model,
+    tokenizer,
+    layers: list[AdaptedLayer],
+    delta: LowRankDelta,
+    prompts: list[str],
+    min_agreement: float,
+    answer_tokens: int,
+    batch_size: int,
+) -> DriftGuard:
+    """Scale ``delta`` down (in place) until the model keeps ``min_agreement`` of its own answers.
+
+    ``model`` is the unmitigated model; the change is applied by hooks, so its weights are
+    never touched. Agreement falls as the scale grows (not strictly, so bisection finds a
+    scale that passes, not always the largest). A scale of 0 always passes."""
+    record = DriftGuard(applied=min_agreement > 0 and len(delta) > 0, min_agreement=min_agreement)
+    if not record.applied:
+        return record
+    start = time.time()
+    answers = greedy_answers(model, tokenizer, prompts, answer_tokens, batch_size)
+    record.prompts = len(prompts)
+
+    def agreement_at(scale: float) -> float:
+        record.evaluations += 1
+        with delta.applied(layers, factor=scale):
+            return agreement(model, tokenizer, prompts, answers, batch_size)
+
+    record.agreement_unscaled = record.agreement = agreement_at(1.0)
+    if record.agreement_unscaled < min_agreement:
+        low, high, kept = 0.0, 1.0, 1.0
+        for _ in range(SEARCH_STEPS):
+            middle = (low + high) / 2
+            value = agreement_at(middle)
+            if value >= min_agreement:
+                low, kept = middle, value
+            else:
+                high = middle
+        record.scale, record.agreement = low, (kept if low > 0 else 1.0)
+        delta.scale(low)
+        log.warning(
+            "drift guard: agreement %.3f < %.3f at full strength; the change is scaled to %.3f (agreement %.3f)",
+            record.agreement_unscaled,
+            min_agreement,
+            record.scale,
+            record.agreement,
+        )
+    record.seconds = round(time.time() - start, 3)
+    return record
+
+
+def calibrate(learned_dir: Path, model_dirs: list[Path], meta) -> dict[str, float]:
+    """Record the layer ranges of ``learned_dir``'s generators on ``model_dirs`` (their training
+    models) into its ``generators.json``, for learned parameters written before ``configure``
+    recorded them itself. Returns the ranges."""
+    from telelora import learned, modelio
+    from telelora.architectures import find_adapted_layers
+    from telelora.mitigate import generate_adapters
+    from telelora.texts import load as load_texts
+
+    bank, info = learned.load_bank(learned_dir, meta)
+    reference = load_texts(learned_dir).reference[: meta.num_reference_texts]
+    norms = []
+    for model_dir in model_dirs:
+        modelio.check_model_dir(model_dir)
+        device, dtype = modelio.pick_device_dtype(meta.device, meta.dtype, model_dir)
+        model = modelio.load_model(model_dir, device, dtype)
+        layers = find_adapted_layers(model, meta.target_projections)
+        bank.to(device)
+        adapters = generate_adapters(bank, model, modelio.load_tokenizer(model_dir), layers, reference, meta, meta.seed)
+        norms += [
+            (layer.projection_type, spectral_norm(adapters[layer.name])) for layer in layers if layer.name in adapters
+        ]
+        log.info("%s: %d layers measured", model_dir.name, len(layers))
+        del model
+    ranges = layer_ranges(norms)
+    info["layer_ranges"] = ranges
+    info["layer_ranges_from"] = [
+        {"model": d.name, "model_architecture": modelio.round_config(d).get("model_architecture")} for d in model_dirs
+    ]
+    atomic_write_text(Path(learned_dir) / learned.INFO_FILE, json.dumps(info, indent=2))
+    return ranges
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description="Record the drift guard's layer ranges of learned parameters on their training models."
+    )
+    parser.add_argument("learned_parameters_dirpath", type=Path)
+    parser.add_argument("model_dirpaths", type=Path, nargs="+", help="the models the generators were trained on")
+    parser.add_argument("--metaparameters_filepath", type=Path, default=None)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        meta = metaparameters.load(args.metaparameters_filepath)
+        ranges = calibrate(args.learned_parameters_dirpath, args.model_dirpaths, meta)
+    except TeleLoRAError as err:
+        raise SystemExit("error: " + " ".join(str(err).split())) from err
+    print(json.dumps(ranges, indent=2))
+
+
+if __name__ == "__main__":
+    main()
