@@ -3,7 +3,7 @@ import torch
 
 from telelora import activations, modelio
 from telelora.architectures import find_adapted_layers
-from telelora.chat import prompt_ids
+from telelora.chat import prompt_ids, user_token_mask
 
 CPU = torch.device("cpu")
 TEXTS = ["What is the capital of France?", "Explain photosynthesis briefly.", "Why?", "Name three prime numbers."]
@@ -53,3 +53,27 @@ def test_unknown_token_mode_is_rejected(llama):
     model, tok, layers = llama
     with pytest.raises(ValueError, match="activation_tokens"):
         activations.collect(model, tok, layers, TEXTS, "first")
+
+
+@pytest.mark.parametrize("kind", ["llama3.1", "gemma2", "phi3.5"])
+def test_user_mask_picks_exactly_the_users_text(round_like_models, kind):
+    """Not BOS, not Llama-3.1's system header, not the turn markers: the user's words."""
+    tok = modelio.load_tokenizer(round_like_models[kind])
+    text = "  Which planet is closest to the sun?  "
+    ids, mask = prompt_ids(tok, text), user_token_mask(tok, text)
+    assert len(mask) == len(ids) and not all(mask)
+    assert tok.decode([i for i, keep in zip(ids, mask, strict=True) if keep]).strip() == text.strip()
+
+
+def test_user_mode_averages_the_user_tokens_only(round_like_models):
+    folder = round_like_models["llama3.1"]
+    model, tok = modelio.load_model(folder, CPU, torch.float32), modelio.load_tokenizer(folder)
+    layers = find_adapted_layers(model, ["q", "down"])
+    acts = activations.collect(model, tok, layers, TEXTS, "user", batch_size=3, max_tokens=256)
+    whole = activations.collect(model, tok, layers, TEXTS, "mean", batch_size=3, max_tokens=256)
+    layer = layers[-1]
+    for row, text in enumerate(TEXTS):
+        x = _inputs_of(model, layer, prompt_ids(tok, text))
+        keep = torch.tensor(user_token_mask(tok, text))
+        assert torch.allclose(acts[layer.name][row], x[keep].mean(0), atol=1e-4)
+        assert not torch.allclose(acts[layer.name][row], whole[layer.name][row], atol=1e-3)

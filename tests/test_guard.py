@@ -5,9 +5,9 @@ import json
 import pytest
 import torch
 
-from telelora import guard, learned, modelio
+from telelora import guard, learned, metaparameters, modelio
 from telelora.adapters import Adapter, LowRankDelta
-from telelora.architectures import find_adapted_layers
+from telelora.architectures import AdaptedLayer, find_adapted_layers
 from telelora.chat import agreement, greedy_answers
 from telelora.mitigate import generate_adapters
 from telelora.texts import load as load_texts
@@ -116,3 +116,25 @@ def test_calibration_command_records_ranges(tmp_path, tiny_models, small_meta, m
     expected = guard.layer_ranges([(x.projection_type, guard.spectral_norm(adapters[x.name])) for x in layers])
     assert info["layer_ranges"] == pytest.approx(expected, rel=1e-6)
     assert info["layer_ranges_from"] == [{"model": "llama", "model_architecture": "telelora-tiny/llama"}]
+
+
+def test_shipped_ranges_bound_a_wide_layer_with_outlier_dimensions():
+    """Finding of the round review: at Llama-8B's down_proj width (14336), wider than any the
+    generators were trained on, a few BOS-like outlier dimensions make the shipped generators
+    stretch inputs beyond anything seen in training; the layer bound brings it back."""
+    meta = metaparameters.load()
+    bank, info = learned.load_bank(REPO / "learned_parameters", meta)
+    ranges = info["layer_ranges"]
+    torch.manual_seed(0)
+    shape = (meta.num_reference_texts, 14336)
+    x = torch.randn(shape).abs() * 0.1 + torch.randn(shape)  # slightly skewed, as post-activation inputs are
+    x[:, :4] = x[:, :4] * 300 + 50
+    with torch.no_grad():
+        adapter = Adapter(*bank("down", x, 1.0, meta.rank))
+    layer = AdaptedLayer("model.layers.31.mlp.down_proj", torch.nn.Linear(14336, 8, bias=False), "down", 31, 1.0)
+    assert guard.spectral_norm(adapter) > ranges["down"]  # beyond the training range
+    record = guard.LayerBound()
+    bounded = guard.bound_layers({layer.name: adapter}, [layer], ranges, meta.guard_layer_factor, record)
+    assert record.layers_shrunk == 1 and record.largest_ratio > 1
+    limit = meta.guard_layer_factor * ranges["down"]
+    assert guard.spectral_norm(bounded[layer.name]) == pytest.approx(limit, rel=1e-6)
