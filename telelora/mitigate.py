@@ -211,7 +211,6 @@ def run(
         changed = [layer for layer in mitigation.layers if layer.name in mitigation.delta.factors]
         names = modelio.checkpoint_names(model_dir, {f"{x.name}.weight": tuple(x.module.weight.shape) for x in changed})
         changes = {names[f"{x.name}.weight"]: mitigation.delta.factors[x.name] for x in changed}
-        del model  # the weights are written from the checkpoint's own tensors, one shard at a time
         report.mitigated, report.reason = True, "mitigated"
         modelio.save_mitigated(model_dir, output_dir, changes, {REPORT_FILE: report.to_json()}, exclude)
         lap("save")

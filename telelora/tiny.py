@@ -56,19 +56,27 @@ def _config(arch: str):
 ARCHITECTURES = ("llama", "mistral", "qwen2", "gemma2", "gemma3", "phi3")
 
 
-def build_tokenizer():
-    """A byte-level BPE tokenizer trained on the shipped texts, with a ChatML template."""
+def _train_bpe(special_tokens: list[str]):
+    """A byte-level BPE ``tokenizers.Tokenizer`` of VOCAB_SIZE trained on the shipped texts;
+    the special tokens take the first ids, in order."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
 
     texts = load_texts(REPO_ROOT / "learned_parameters")
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=VOCAB_SIZE, special_tokens=SPECIAL_TOKENS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        vocab_size=VOCAB_SIZE, special_tokens=special_tokens, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
     )
     tok.train_from_iterator(texts.reference + texts.alignment, trainer=trainer)
+    return tok
+
+
+def build_tokenizer():
+    """A byte-level BPE tokenizer trained on the shipped texts, with a ChatML template."""
+    from transformers import PreTrainedTokenizerFast
+
+    tok = _train_bpe(SPECIAL_TOKENS)
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, pad_token="<pad>", bos_token="<|endoftext|>", eos_token="<|im_end|>"
     )
@@ -211,17 +219,10 @@ ROUND_LIKE = {
 def _round_like_tokenizer_files(kind: str, out: Path) -> None:
     """tokenizer.json (a BPE trained on the shipped texts) and transformers-4 style
     tokenizer_config.json (chat template inside) and special_tokens_map.json."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import processors
 
     spec = ROUND_LIKE[kind]
-    texts = load_texts(REPO_ROOT / "learned_parameters")
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=VOCAB_SIZE, special_tokens=spec["special"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-    )
-    tok.train_from_iterator(texts.reference + texts.alignment, trainer=trainer)
+    tok = _train_bpe(spec["special"])
     if spec["prepend_bos"]:
         bos = spec["tokens"]["bos_token"]
         tok.post_processor = processors.TemplateProcessing(
