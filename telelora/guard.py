@@ -26,6 +26,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import math
 import time
 from pathlib import Path
 
@@ -55,7 +56,7 @@ def layer_ranges(norms: list[tuple[str, float]]) -> dict[str, float]:
     ranges: dict[str, float] = {}
     for projection_type, norm in norms:
         ranges[projection_type] = max(ranges.get(projection_type, 0.0), norm)
-    return {k: round(v, 6) for k, v in sorted(ranges.items())}
+    return {k: math.ceil(v * 1e6) / 1e6 for k, v in sorted(ranges.items())}  # rounded up: the largest stays inside
 
 
 @dataclasses.dataclass

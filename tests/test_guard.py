@@ -28,6 +28,7 @@ def test_spectral_norm_is_that_of_the_full_matrix():
 
 def test_layer_ranges_keep_the_largest_per_type():
     assert guard.layer_ranges([("q", 1.0), ("down", 2.0), ("q", 3.0)]) == {"down": 2.0, "q": 3.0}
+    assert guard.layer_ranges([("q", 0.1234561)]) == {"q": 0.123457}  # rounded up, never below what was seen
 
 
 @pytest.fixture(scope="module")
