@@ -32,12 +32,13 @@ from pathlib import Path
 
 import torch
 
-from telelora import metaparameters
+from telelora import learned, metaparameters, modelio
 from telelora.adapters import Adapter, LowRankDelta
-from telelora.architectures import AdaptedLayer
+from telelora.architectures import AdaptedLayer, find_adapted_layers
 from telelora.chat import agreement, greedy_answers
 from telelora.errors import TeleLoRAError
 from telelora.io_utils import atomic_write_text
+from telelora.texts import load as load_texts
 
 log = logging.getLogger(__name__)
 SEARCH_STEPS = 6  # bisection steps on the scale: the kept scale is within 1/64 of the largest allowed
@@ -149,7 +150,7 @@ def fit_scale(
 
     record.agreement_unscaled = record.agreement = agreement_at(1.0)
     if record.agreement_unscaled < min_agreement:
-        low, high, kept = 0.0, 1.0, 1.0
+        low, high, kept = 0.0, 1.0, 1.0  # scale 0 is the unchanged model: it agrees with itself
         for _ in range(SEARCH_STEPS):
             middle = (low + high) / 2
             value = agreement_at(middle)
@@ -157,7 +158,7 @@ def fit_scale(
                 low, kept = middle, value
             else:
                 high = middle
-        record.scale, record.agreement = low, (kept if low > 0 else 1.0)
+        record.scale, record.agreement = low, kept
         delta.scale(low)
         log.warning(
             "drift guard: agreement %.3f < %.3f at full strength; the change is scaled to %.3f (agreement %.3f)",
@@ -174,10 +175,7 @@ def calibrate(learned_dir: Path, model_dirs: list[Path], meta) -> dict[str, floa
     """Record the layer ranges of ``learned_dir``'s generators on ``model_dirs`` (their training
     models) into its ``generators.json``, for learned parameters written before ``configure``
     recorded them itself. Returns the ranges."""
-    from telelora import learned, modelio
-    from telelora.architectures import find_adapted_layers
-    from telelora.mitigate import generate_adapters
-    from telelora.texts import load as load_texts
+    from telelora.mitigate import generate_adapters  # here: mitigate imports this module
 
     bank, info = learned.load_bank(learned_dir, meta)
     reference = load_texts(learned_dir).reference[: meta.num_reference_texts]

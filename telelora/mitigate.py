@@ -188,7 +188,7 @@ def run(
 
     report = MitigationReport(mitigated=False, reason=UNFINISHED, model_architecture=architecture, seconds=seconds)
     try:
-        modelio.copy_model_files(model_dir, output_dir, {REPORT_FILE: report.to_json()}, link=True, exclude=exclude)
+        modelio.copy_model_files(model_dir, output_dir, {REPORT_FILE: report.to_json()}, exclude=exclude)
     except OSError as err:
         raise TeleLoRAError(f"the output folder {output_dir} cannot be written ({err})") from err
     lap("copy_input")

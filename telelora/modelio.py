@@ -109,17 +109,24 @@ NO_GPU_WARNING = (
 )
 
 
+def tensor_headers(model_dir: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """``{tensor name: (safetensors dtype, shape)}`` of the checkpoint, from the headers alone."""
+    headers = {}
+    for file in weight_files(model_dir):
+        with safe_open(str(file), framework="pt") as f:
+            for key in f.keys():
+                piece = f.get_slice(key)
+                headers[key] = (piece.get_dtype(), tuple(piece.get_shape()))
+    return headers
+
+
 def checkpoint_summary(model_dir: Path) -> tuple[torch.dtype | None, int]:
     """The dtype most of the checkpoint's floating-point weights are stored in, and the
     number of bytes all weights take on disk, from the safetensors headers alone."""
     elements: dict[str, int] = {}
-    size = 0
-    for file in weight_files(model_dir):
-        size += file.stat().st_size
-        with safe_open(str(file), framework="pt") as f:
-            for key in f.keys():
-                piece = f.get_slice(key)
-                elements[piece.get_dtype()] = elements.get(piece.get_dtype(), 0) + math.prod(piece.get_shape())
+    for dtype, shape in tensor_headers(model_dir).values():
+        elements[dtype] = elements.get(dtype, 0) + math.prod(shape)
+    size = sum(file.stat().st_size for file in weight_files(model_dir))
     floating = {k: v for k, v in elements.items() if k in _SAFETENSORS_FLOATS}
     stored = _SAFETENSORS_FLOATS[max(floating, key=floating.__getitem__)] if floating else None
     return stored, size
@@ -280,15 +287,14 @@ def copy_model_files(
     model_dir: Path,
     output_dir: Path,
     extra_files: dict[str, str] | None = None,
-    link: bool = False,
     exclude: list[Path] | None = None,
 ) -> None:
     """Publish the input folder's own files, byte for byte: the surest "unchanged model"
     there is. Folders in ``exclude`` (and ``output_dir``) are left out, as are those holding
-    them: NIST's output folder lies inside the model folder. ``link`` hard-links the files
-    instead of copying them where it can (instant, and just as byte-identical)."""
+    them: NIST's output folder lies inside the model folder. Files are hard-linked where the
+    file system allows (instant, and just as byte-identical), copied elsewhere."""
     with staged_dir(output_dir) as staging:
-        _copy_entries(model_dir, staging, _skipper([output_dir, *(exclude or [])]), link)
+        _copy_entries(model_dir, staging, _skipper([output_dir, *(exclude or [])]), link=True)
         for name, text in (extra_files or {}).items():
             (staging / name).write_text(text)
 
@@ -300,11 +306,7 @@ def checkpoint_names(model_dir: Path, weights: dict[str, tuple[int, ...]]) -> di
     name that ends with the parameter's path from its block list on (``layers.3.mlp.up_proj
     .weight``), for checkpoints stored under another prefix. Shapes must agree: a weight that
     cannot be matched exactly is an error, never a guess."""
-    shapes: dict[str, tuple[int, ...]] = {}
-    for file in weight_files(model_dir):
-        with safe_open(str(file), framework="pt") as f:
-            for key in f.keys():
-                shapes[key] = tuple(f.get_slice(key).get_shape())
+    shapes = {key: shape for key, (_, shape) in tensor_headers(model_dir).items()}
     names = {}
     for name, shape in weights.items():
         if name in shapes:
@@ -338,7 +340,9 @@ def save_mitigated(
     arithmetic, one rounding to the stored dtype), one shard in memory at a time."""
     files = weight_files(model_dir)
     with staged_dir(output_dir) as staging:
-        _copy_entries(model_dir, staging, _skipper([output_dir, *(exclude or [])], {f.resolve() for f in files}), False)
+        _copy_entries(
+            model_dir, staging, _skipper([output_dir, *(exclude or [])], {f.resolve() for f in files}), link=False
+        )
         remaining = dict(changes)
         for file in files:
             with safe_open(str(file), framework="pt") as f:

@@ -166,7 +166,7 @@ def test_placeholder_copy_links_without_touching_the_input(tmp_path, model_copy)
     model_dir = model_copy("llama")
     (model_dir / "model.safetensors").chmod(0o600)
     modes = {p.name: p.stat().st_mode for p in model_dir.iterdir()}
-    modelio.copy_model_files(model_dir, model_dir / "output", {"note.txt": "x"}, link=True)
+    modelio.copy_model_files(model_dir, model_dir / "output", {"note.txt": "x"})
     out = model_dir / "output"
     assert (out / "model.safetensors").stat().st_ino == (model_dir / "model.safetensors").stat().st_ino
     assert {p.name: p.stat().st_mode for p in model_dir.iterdir() if p.is_file()} == {
@@ -178,4 +178,3 @@ def test_placeholder_copy_links_without_touching_the_input(tmp_path, model_copy)
 def test_round_like_folders_reject_an_unknown_kind(tmp_path):
     with pytest.raises(ValueError, match="unknown round-like model"):
         tiny.build_round_like("llama2", tmp_path)
-
