@@ -181,7 +181,7 @@ def calibrate(learned_dir: Path, model_dirs: list[Path], meta) -> dict[str, floa
     reference = load_texts(learned_dir).reference[: meta.num_reference_texts]
     norms = []
     for model_dir in model_dirs:
-        modelio.check_model_dir(model_dir)
+        modelio.check_model_dir(modelio.resolve_model_dir(model_dir))
         device, dtype = modelio.pick_device_dtype(meta.device, meta.dtype, model_dir)
         model = modelio.load_model(model_dir, device, dtype)
         layers = find_adapted_layers(model, meta.target_projections)
@@ -215,6 +215,8 @@ def main(argv: list[str] | None = None) -> None:
         ranges = calibrate(args.learned_parameters_dirpath, args.model_dirpaths, meta)
     except TeleLoRAError as err:
         raise SystemExit("error: " + " ".join(str(err).split())) from err
+    except OSError as err:  # e.g. generators.json cannot be written
+        raise SystemExit(f"error: {args.learned_parameters_dirpath}: {err}") from err
     print(json.dumps(ranges, indent=2))
 
 

@@ -139,3 +139,16 @@ def test_shipped_ranges_bound_a_wide_layer_with_outlier_dimensions():
     assert record.layers_shrunk == 1 and record.largest_ratio > 1
     limit = meta.guard_layer_factor * ranges["down"]
     assert guard.spectral_norm(bounded[layer.name]) == pytest.approx(limit, rel=1e-6)
+
+
+def test_calibration_bad_input_gets_one_line(tmp_path, tiny_models, small_meta, meta_file):
+    out = tmp_path / "learned"
+    learned.write(random_bank(small_meta), {"note": "test"}, REPO / "learned_parameters", out)
+    before = (out / learned.INFO_FILE).read_text()
+    for argv, message in (
+        ([str(out), str(tmp_path / "absent")], "does not exist"),
+        ([str(tmp_path / "nothing"), str(tiny_models["llama"])], "holds no trained generators"),
+    ):
+        with pytest.raises(SystemExit, match=message):
+            guard.main([*argv, "--metaparameters_filepath", str(meta_file)])
+    assert (out / learned.INFO_FILE).read_text() == before  # nothing written
