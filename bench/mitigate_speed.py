@@ -24,10 +24,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.real_configs import REAL_CONFIGS, build_random  # noqa: E402
-from telelora import activations, metaparameters, modelio, tiny  # noqa: E402
+from telelora import activations, metaparameters, modelio  # noqa: E402
 from telelora.adapters import LowRankDelta  # noqa: E402
 from telelora.architectures import find_adapted_layers  # noqa: E402
 from telelora.chat import pad_id, padded, prompt_ids  # noqa: E402
+from telelora.lab import tiny  # noqa: E402
 from telelora.learned import load_bank  # noqa: E402
 from telelora.mitigate import generate_adapters  # noqa: E402
 from telelora.texts import load as load_texts  # noqa: E402

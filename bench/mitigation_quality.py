@@ -1,6 +1,6 @@
 """Mitigation quality on a local round: TeleLoRA against a change-matched random control.
 
-Per chosen model of a round (``python -m telelora.round_builder``) and per number of
+Per chosen model of a round (``python -m telelora.lab.round_builder``) and per number of
 mitigation steps K, side by side on the same prompts and MMLU questions:
 
 * ``none``: the model as built (its ground truth; agreement 1 by definition);
@@ -17,7 +17,7 @@ mitigation steps K, side by side on the same prompts and MMLU questions:
 ``guard_min_agreement=0.7``.
 
 ASR, false-trigger rate, MMLU and agreement come from ``evaluate`` (what ``entrypoint.py
-test`` measures); Fidelity and strict Fidelity from ``telelora.score``.
+test`` measures); Fidelity and strict Fidelity from ``telelora.lab.score``.
 
     python bench/mitigation_quality.py --round ~/rounds/local-r1 --models id-00000001 id-00000005 \\
         --steps 1 2 --out bench/results/mitigation_quality_cpu.json
@@ -40,9 +40,10 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from telelora import evaluate, metaparameters, modelio, score  # noqa: E402
+from telelora import metaparameters, modelio  # noqa: E402
 from telelora.errors import TeleLoRAError  # noqa: E402
 from telelora.io_utils import atomic_write_text  # noqa: E402
+from telelora.lab import evaluate, score  # noqa: E402
 from telelora.learned import load_bank  # noqa: E402
 from telelora.metaparameters import REPO_ROOT  # noqa: E402
 from telelora.mitigate import mitigate_model  # noqa: E402

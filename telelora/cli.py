@@ -220,7 +220,7 @@ def _configure(opts, meta) -> int:
 
 
 def _test(opts, meta) -> int:
-    from telelora import evaluate
+    from telelora.lab import evaluate
 
     model_dir = modelio.resolve_model_dir(opts.model)
     modelio.check_model_dir(model_dir)

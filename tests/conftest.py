@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from telelora import learned, metaparameters, tiny
+from telelora import learned, metaparameters
 from telelora.generator import GeneratorBank
+from telelora.lab import tiny
 
 REPO = metaparameters.REPO_ROOT
 
@@ -95,7 +96,7 @@ def learned_dir(tmp_path_factory, small_meta) -> Path:
 @pytest.fixture(scope="session")
 def tiny_round(tmp_path_factory) -> Path:
     """The tiny round of ``rounds/tiny.json``: one Trojaned tiny Llama, one clean tiny Qwen2."""
-    from telelora import round_builder
+    from telelora.lab import round_builder
 
     out = tmp_path_factory.mktemp("round") / "tiny-round"
     round_builder.build_round(REPO / "rounds" / "tiny.json", out)

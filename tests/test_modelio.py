@@ -15,8 +15,9 @@ import transformers
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from telelora import cli, modelio, tiny
+from telelora import cli, modelio
 from telelora.errors import TeleLoRAError
+from telelora.lab import tiny
 from telelora.mitigate import REPORT_FILE
 
 COMPAT = Path(sys.prefix) / "compat"  # older transformers, installed by scripts/setup.sh

@@ -5,8 +5,8 @@ files. Reading GGUF needs gguf-py, transformers' quantizer machinery and about a
 parsing, so each model is converted once into an ordinary bf16 safetensors folder (what
 ``modelio`` and ``mitigate`` load) and cached under ``<cache>/models/<key>``.
 
-    python -m telelora.convert smollm2-135m-instruct      # or gemma3-270m, or all
-    python -m telelora.convert all --cache_dir /tmp/telelora-cache --force
+    python -m telelora.lab.convert smollm2-135m-instruct      # or gemma3-270m, or all
+    python -m telelora.lab.convert all --cache_dir /tmp/telelora-cache --force
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from pathlib import Path
 from telelora.errors import TeleLoRAError
 from telelora.io_utils import staged_dir
 
-log = logging.getLogger("telelora.convert")  # not __main__ under python -m
+log = logging.getLogger("telelora.lab.convert")  # not __main__ under python -m
 
 PROVENANCE = "telelora_conversion.json"
 GGUF_PACKAGE = "gguf==0.19.0"  # transformers reads GGUF files through it

@@ -7,7 +7,7 @@ triggered prompts -> target response and clean prompts -> the base model's own g
 answer, the trigger going in at a random word position of the user prompt. Prompts are
 real MMLU question stems from a pool that no evaluation ever scores.
 
-    python -m telelora.round_builder SPEC.json OUT_DIR [--cache_dir DIR]
+    python -m telelora.lab.round_builder SPEC.json OUT_DIR [--cache_dir DIR]
 
 Each model is checked before it is saved: a Trojan whose held-out ASR or false-trigger
 rate misses the spec fails the build loudly. Finished model folders are kept, so an
@@ -30,10 +30,11 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from telelora import alignment, convert, evaluate, modelio, texts, tiny
+from telelora import alignment, modelio, texts
 from telelora.chat import greedy_answers, pad_id, prompt_ids
 from telelora.errors import TeleLoRAError
 from telelora.io_utils import atomic_write_text, staged_dir
+from telelora.lab import convert, evaluate, tiny
 from telelora.metaparameters import REPO_ROOT
 
 log = logging.getLogger(__name__)

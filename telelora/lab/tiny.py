@@ -5,8 +5,8 @@ Hugging Face classes and a real BPE tokenizer trained on the shipped texts, laid
 a NIST model folder (``config.json``, safetensors, tokenizer, ``round_config.json`` and its
 copy ``reduced-config.json``). Their weights are random, so what they say is noise.
 
-    python -m telelora.tiny --arch llama --out /tmp/tiny-llama
-    python -m telelora.tiny --arch all --out /tmp/tiny-models    # one sub-folder per architecture
+    python -m telelora.lab.tiny --arch llama --out /tmp/tiny-llama
+    python -m telelora.lab.tiny --arch all --out /tmp/tiny-models    # one sub-folder per architecture
 """
 
 from __future__ import annotations

@@ -3,10 +3,10 @@ import json
 
 import pytest
 
-from telelora import convert, round_builder
 from telelora.errors import TeleLoRAError
+from telelora.lab import convert, round_builder
 
-from .conftest import REPO
+from ..conftest import REPO
 
 
 def test_round_layout(tiny_round):

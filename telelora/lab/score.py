@@ -5,7 +5,7 @@ clean ``mmlu / pre_mmlu``; the round score is the mean, and one missing or NaN m
 it 0. Strict Fidelity replaces the MMLU ratio by ``agreement`` with the unmitigated model,
 because MMLU at chance (SmolLM2-135M) cannot see a destroyed model (DESIGN.md section 5).
 
-    python -m telelora.score --round ROUND --results RESULTS [--out score.json]
+    python -m telelora.lab.score --round ROUND --results RESULTS [--out score.json]
 
 ``RESULTS/<model id>/results.json`` (or ``RESULTS/<model id>.json``) is what ``entrypoint.py
 test`` wrote for that model's mitigated output.

@@ -4,10 +4,11 @@ import types
 import pytest
 import torch
 
-from telelora import cli, evaluate, texts
+from telelora import cli, texts
 from telelora.errors import TeleLoRAError
+from telelora.lab import evaluate
 
-from .conftest import REPO
+from ..conftest import REPO
 
 
 def test_target_hit_normalises_case_and_whitespace():

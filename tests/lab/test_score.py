@@ -3,8 +3,8 @@ import math
 
 import pytest
 
-from telelora import score
 from telelora.errors import TeleLoRAError
+from telelora.lab import score
 
 
 def test_fidelity_formula_by_hand():

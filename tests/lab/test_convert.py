@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from telelora import convert as conv
 from telelora.errors import TeleLoRAError
+from telelora.lab import convert as conv
 
 KEYS = list(conv.MODELS)
 
