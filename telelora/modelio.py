@@ -296,6 +296,7 @@ def copy_model_files(
     with staged_dir(output_dir) as staging:
         _copy_entries(model_dir, staging, _skipper([output_dir, *(exclude or [])]), link=True)
         for name, text in (extra_files or {}).items():
+            (staging / name).parent.mkdir(parents=True, exist_ok=True)
             (staging / name).write_text(text)
 
 
@@ -364,4 +365,5 @@ def save_mitigated(
         if remaining:
             raise TeleLoRAError(f"{model_dir}: the checkpoint holds no tensors named {sorted(remaining)}")
         for name, text in (extra_files or {}).items():
+            (staging / name).parent.mkdir(parents=True, exist_ok=True)
             (staging / name).write_text(text)
