@@ -1,40 +1,49 @@
-"""Mitigation quality on a local round: TeleLoRA against a change-matched random control.
+"""Mitigation quality on a whole round: TeleLoRA beside a random control and published baselines.
 
-Per chosen model of a round (``python -m telelora.lab.round_builder``) and per number of
-mitigation steps K, side by side on the same prompts and MMLU questions:
+Per model of a round (``python -m telelora.lab.round_builder``, or a materialised farm split:
+``METADATA.csv`` + ``models/<id>/``), each method on a fresh copy of the model, every row
+measured on the same prompts and the same MMLU questions:
 
-* ``none``: the model as built (its ground truth; agreement 1 by definition);
+* ``none``: the model as it is. Always measured first: its ASR and MMLU are the
+  pre-mitigation values of every row's Fidelity and strict Fidelity;
 * ``telelora``: ``mitigate`` with the given generators, K steps, drift guard as the
   metaparameters set it;
-* ``unguarded``: the same with the drift guard off (no layer bound, no agreement bound);
-* ``random``: the same K steps, each layer's adapter replaced by random directions scaled
-  so that it moves the layer's reference inputs as far as TeleLoRA's does
-  (``|X U^T V|`` equal), unguarded. It changes the model as much and knows nothing: a
-  Trojan it removes as well says the generator learned nothing Trojan-specific.
+* ``unguarded``: the same with the drift guard off (only when asked for);
+* ``random``: K steps of random adapters, each scaled to move its layer's reference inputs
+  as far as TeleLoRA's does (``|X U^T V|`` equal), unguarded: as much change, no knowledge.
+  A Trojan it removes as well says the generator learned nothing Trojan-specific;
+* ``embedding_dropout``, ``magnitude_pruning``, ``lora_finetune``: the published baselines
+  of ``telelora.lab.baselines``, once per model (K is for the three methods above).
 
-``--set KEY=VALUE ...`` overrides metaparameters (checked against the schema), e.g.
-``activation_tokens=user`` (reference activations pooled over the user's text only) or
-``guard_min_agreement=0.7``.
+ASR, false-trigger rate, agreement, greedy 8-token agreement and MMLU come from ``evaluate``
+(what ``entrypoint.py test`` measures), Fidelity and strict Fidelity from
+``telelora.lab.score``, poisoned or clean from each model's ``ground_truth.csv``. The summary
+gives each method's mean over models with a bootstrap 95 % interval, overall, by base, by
+behaviour (poisoned models) and clean against poisoned; ASR over poisoned models only.
 
-ASR, false-trigger rate, MMLU and agreement come from ``evaluate`` (what ``entrypoint.py
-test`` measures); Fidelity and strict Fidelity from ``telelora.lab.score``.
+    python bench/mitigation_quality.py --round ~/farm-v1 --split test --steps 1 2 \\
+        --out bench/results/mitigation_quality_cpu.json [--models id-00000001 ...] [--markdown]
 
-    python bench/mitigation_quality.py --round ~/rounds/local-r1 --models id-00000001 id-00000005 \\
-        --steps 1 2 --out bench/results/mitigation_quality_cpu.json
-
-Prints a table and writes JSON (atomically, after every model, so a later failure keeps
-the finished ones). One thread-bound process per model runs well side by side.
+Prints each row as it is measured, then the summary (``--markdown``: markdown tables). ``--out
+x.json`` writes JSON (atomically, after every model, so a later failure keeps the finished
+ones) and ``x.png``: strict Fidelity per method with its interval, and ASR after mitigation
+against agreement per poisoned model. ``--set KEY=VALUE`` overrides metaparameters.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import dataclasses
 import json
+import math
+import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -44,10 +53,27 @@ from telelora import metaparameters, modelio  # noqa: E402
 from telelora.errors import TeleLoRAError  # noqa: E402
 from telelora.io_utils import atomic_write_text  # noqa: E402
 from telelora.lab import evaluate, score  # noqa: E402
+from telelora.lab.baselines import BASELINES, apply_baseline  # noqa: E402
 from telelora.learned import load_bank  # noqa: E402
 from telelora.metaparameters import REPO_ROOT  # noqa: E402
 from telelora.mitigate import mitigate_model  # noqa: E402
+from telelora.texts import Texts  # noqa: E402
 from telelora.texts import load as load_texts  # noqa: E402
+
+GENERATED = ("telelora", "unguarded", "random")  # the methods run once per K
+METHODS = ("none", *GENERATED, *BASELINES)
+DEFAULT_METHODS = [m for m in METHODS if m != "unguarded"]
+FACTS = ("kind", "behaviour", "trigger_kind", "split")  # METADATA columns copied into rows when present
+METRICS = {
+    "strict_fidelity": "strict Fid",
+    "fidelity": "Fid",
+    "asr": "ASR (poisoned)",
+    "agreement": "agree",
+    "greedy_agreement": "greedy8",
+    "mmlu": "MMLU",
+}
+BREAKDOWNS = {"all": "all models", "base": "by base", "behaviour": "by behaviour", "poisoned": "clean / poisoned"}
+RESAMPLES = 10_000
 
 
 class RandomDirections(nn.Module):
@@ -68,56 +94,220 @@ class RandomDirections(nn.Module):
         return u_random * scale, v_random * scale
 
 
-def measure(model_dir: Path, variant: str, steps: int, args, meta, mmlu_rows) -> dict:
-    """Mitigate one fresh copy of the model in memory as ``variant`` with K=``steps``; measure it."""
-    device, dtype = modelio.pick_device_dtype(meta.device, meta.dtype, model_dir)
-    tokenizer = modelio.load_tokenizer(model_dir)
-    model = modelio.load_model(model_dir, device, dtype)
+@dataclasses.dataclass
+class RoundModel:
+    """One model to bench: its folder, its test prompts and the facts its rows carry."""
+
+    dir: Path
+    prompts: dict
+    facts: dict
+
+
+def read_poisoned(model_dir: Path) -> bool:
+    """The model's ground truth: ``ground_truth.csv`` holds 1 (poisoned) or 0 (clean)."""
+    try:
+        label = (model_dir / "ground_truth.csv").read_text().strip()
+    except OSError as err:
+        raise TeleLoRAError(f"{model_dir} has no readable ground_truth.csv ({err})") from err
+    if label not in ("0", "1"):
+        raise TeleLoRAError(f"{model_dir / 'ground_truth.csv'} holds {label!r}; expected 0 or 1")
+    return label == "1"
+
+
+def select_models(round_dir: Path, names: list[str] | None, split: str | None) -> list[RoundModel]:
+    """The chosen models of ``round_dir/METADATA.csv`` (all, or ``names``, of ``split``), each checked."""
+    path = round_dir / "METADATA.csv"
+    try:
+        with path.open(newline="") as f:
+            reader = csv.DictReader(f)
+            table, columns = list(reader), reader.fieldnames or []
+    except OSError as err:
+        raise TeleLoRAError(f"{path} cannot be read ({err}); pass a round folder") from err
+    if "model_name" not in columns:
+        raise TeleLoRAError(f"{path} has no model_name column")
+    if split is not None:
+        if "split" not in columns:
+            raise TeleLoRAError(f"--split {split}: {path} has no split column")
+        splits = sorted({r["split"] for r in table})
+        table = [r for r in table if r["split"] == split]
+        if not table:
+            raise TeleLoRAError(f"--split {split}: no model of {path} is in it; its splits: {', '.join(splits)}")
+    if names:
+        by_name = {r["model_name"]: r for r in table}
+        unknown = [n for n in names if n not in by_name]
+        if unknown:
+            where = f"{path}" + (f" (split {split})" if split is not None else "")
+            raise TeleLoRAError(f"--models: {', '.join(unknown)} not in {where}")
+        table = [by_name[n] for n in names]
+    models = []
+    for row in table:
+        model_dir = round_dir / "models" / row["model_name"]
+        modelio.check_model_dir(model_dir)
+        prompts = evaluate.load_prompts(model_dir / "test-example-data" / "prompts.json")
+        facts = {"base": row.get("base"), "poisoned": read_poisoned(model_dir)}
+        models.append(RoundModel(model_dir, prompts, {**facts, **{k: row[k] for k in FACTS if k in row}}))
+    return models
+
+
+def apply_method(method: str, steps: int | None, model, tokenizer, texts: Texts, args, meta) -> dict:
+    """Change ``model`` in place as ``method``; return what to report about the change."""
+    if method == "none":
+        return {}
+    if method in BASELINES:
+        facts = apply_baseline(method, model, tokenizer, texts, meta, meta.seed)
+        return {k: v for k, v in facts.items() if k != "seconds"}  # the row's seconds are timed alike for all
     meta = dataclasses.replace(meta, mitigation_steps=steps)
-    if variant != "telelora":
+    if method != "telelora":
         meta = dataclasses.replace(meta, guard_min_agreement=0.0, guard_layer_factor=0.0)
     bank, info = load_bank(args.learned_parameters, meta)
-    bank.to(device)
-    generator = RandomDirections(bank, meta.seed) if variant == "random" else bank
-    start = time.time()
-    torch.manual_seed(meta.seed)
-    texts = load_texts(args.learned_parameters)
+    bank.to(next(model.parameters()).device)
+    generator = RandomDirections(bank, meta.seed) if method == "random" else bank
     mitigation = mitigate_model(model, tokenizer, generator, texts, meta, info.get("layer_ranges"))
-    seconds = time.time() - start
-    prompts = evaluate.load_prompts(model_dir / "test-example-data" / "prompts.json")
-    result = evaluate.evaluate(model, tokenizer, prompts, mmlu_rows, args.num_samples, args.batch_size)
-    guard = {
+    return {
         "guard_scale": mitigation.drift_guard.scale,
         "guard_agreement_unscaled": mitigation.drift_guard.agreement_unscaled,
         "layers_shrunk": mitigation.layer_bound.layers_shrunk,
     }
-    return {**result, **guard, "mitigate_seconds": round(seconds, 1)}
 
 
-def bench_model(model_dir: Path, truth: dict, args, meta, mmlu_rows) -> list[dict]:
-    unmitigated = {"asr": truth["pre_asr"], "false_trigger_rate": None, "mmlu": truth["pre_mmlu"], "agreement": 1.0}
-    rows = [{"model": model_dir.name, "variant": "none", "steps": 0, **unmitigated}]
-    for steps in args.steps:
-        for variant in args.variants:
-            result = measure(model_dir, variant, steps, args, meta, mmlu_rows)
-            rows.append({"model": model_dir.name, "variant": variant, "steps": steps, **result})
-            print(_format([rows[-1]]), flush=True)
-    for row in rows:
-        row["fidelity"], row["strict_fidelity"] = score.model_fidelity(
-            truth["poisoned"], truth["pre_asr"], truth["pre_mmlu"], row["asr"], row["mmlu"], row["agreement"]
+def measure(subject: RoundModel, method: str, steps: int | None, args, meta, texts: Texts, mmlu_rows) -> dict:
+    """Load a fresh copy of the model, change it as ``method`` (timed) and evaluate it."""
+    device, dtype = modelio.pick_device_dtype(meta.device, meta.dtype, subject.dir)
+    tokenizer = modelio.load_tokenizer(subject.dir)
+    model = modelio.load_model(subject.dir, device, dtype)
+    torch.manual_seed(meta.seed)
+    start = time.time()
+    details = apply_method(method, steps, model, tokenizer, texts, args, meta)
+    seconds = time.time() - start
+    result = evaluate.evaluate(model, tokenizer, subject.prompts, mmlu_rows, args.num_samples, args.batch_size)
+    return {**result, "seconds": round(seconds, 2), "details": details}
+
+
+def bench_model(subject: RoundModel, args, meta, texts: Texts, mmlu_rows) -> list[dict]:
+    """One row per method (per K for the generated ones), ``none`` first: the others' reference."""
+    runs = [("none", None)] + [
+        (m, k) for m in args.methods if m != "none" for k in (args.steps if m in GENERATED else [None])
+    ]
+    rows = []
+    for method, steps in runs:
+        result = measure(subject, method, steps, args, meta, texts, mmlu_rows)
+        pre = rows[0] if rows else result
+        fidelity, strict = score.model_fidelity(
+            subject.facts["poisoned"], pre["asr"], pre["mmlu"], result["asr"], result["mmlu"], result["agreement"]
         )
+        row = {"model": subject.dir.name, "method": method, "steps": steps, **result}
+        rows.append({**row, "fidelity": fidelity, "strict_fidelity": strict, **subject.facts})
+        print(format_row(rows[-1]), flush=True)
     return rows
 
 
-def _format(rows: list[dict]) -> str:
-    def cell(value) -> str:
-        return "   -  " if value is None else f"{value:6.3f}"
+def label(row: dict) -> str:
+    """The row's method as the summary names it: generated methods once per K."""
+    return row["method"] if row["steps"] is None else f"{row['method']} K={row['steps']}"
 
-    lines = []
-    for r in rows:
-        values = (r.get(k) for k in ("asr", "false_trigger_rate", "mmlu", "agreement", "fidelity", "strict_fidelity"))
-        lines.append(f"{r['model']:<12} {r['variant']:<10} {r['steps']:>2} " + " ".join(cell(v) for v in values))
+
+def bootstrap_mean(values, resamples: int = RESAMPLES, seed: int = 0, level: float = 0.95) -> dict:
+    """Mean of the finite ``values`` with its percentile bootstrap interval; seeded, so the same
+    values always give the same interval. ``n`` counts the values used."""
+    data = np.asarray([v for v in values if v is not None and math.isfinite(v)], dtype=float)
+    if not data.size:
+        return {"mean": math.nan, "low": math.nan, "high": math.nan, "n": 0}
+    means = data[np.random.default_rng(seed).integers(0, data.size, (resamples, data.size))].mean(axis=1)
+    low, high = np.percentile(means, [50 * (1 - level), 50 * (1 + level)])
+    return {"mean": float(data.mean()), "low": float(low), "high": float(high), "n": int(data.size)}
+
+
+def group_of(row: dict, by: str) -> str | None:
+    """The row's group in breakdown ``by``; None leaves it out (behaviour: poisoned models only)."""
+    if by == "all":
+        return "all"
+    if by == "poisoned":
+        return "poisoned" if row["poisoned"] else "clean"
+    if by == "behaviour" and not row["poisoned"]:
+        return None
+    return row.get(by) or None
+
+
+def summarise(rows: list[dict], by: str = "all", resamples: int = RESAMPLES, seed: int = 0) -> list[dict]:
+    """Per group of breakdown ``by`` and method, every metric's mean over models with its interval."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for row in rows:
+        group = group_of(row, by)
+        if group is not None:
+            groups.setdefault((group, label(row)), []).append(row)
+    summary = []
+    for (group, method), members in sorted(groups.items(), key=lambda item: item[0][0]):  # stable: methods as run
+        stats = {
+            metric: bootstrap_mean([r[metric] for r in members if metric != "asr" or r["poisoned"]], resamples, seed)
+            for metric in METRICS
+        }
+        summary.append({"group": group, "method": method, "models": len(members), **stats})
+    return summary
+
+
+def format_row(row: dict) -> str:
+    steps = "-" if row["steps"] is None else row["steps"]
+    keys = ("asr", "false_trigger_rate", "agreement", "greedy_agreement", "mmlu", "fidelity", "strict_fidelity")
+    cells = " ".join(f"{row[k]:6.3f}" for k in keys)
+    return f"{row['model']:<12} {row['method']:<17} {steps:>2} {cells} {row['seconds']:7.1f}"
+
+
+ROW_HEADER = (
+    f"{'model':<12} {'method':<17} {'K':>2} {'ASR':>6} {'false':>6} {'agree':>6} {'greedy':>6} {'MMLU':>6} "
+    f"{'Fid':>6} {'strict':>6} {'seconds':>7}"
+)
+
+
+def format_summary(summary: list[dict], markdown: bool = False) -> str:
+    """One line per group and method, each metric as ``mean [low, high]``."""
+
+    def cell(stat: dict) -> str:
+        return "-" if not stat["n"] else f"{stat['mean']:.3f} [{stat['low']:.3f}, {stat['high']:.3f}]"
+
+    header = ["group", "method", "models", *METRICS.values()]
+    body = [[s["group"], s["method"], str(s["models"]), *(cell(s[m]) for m in METRICS)] for s in summary]
+    if markdown:
+        return "\n".join("| " + " | ".join(line) + " |" for line in [header, ["---"] * len(header), *body])
+    widths = [max(len(line[i]) for line in [header, *body]) for i in range(len(header))]
+    lines = ("  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip() for line in [header, *body])
     return "\n".join(lines)
+
+
+def plot(summary: list[dict], rows: list[dict], path: Path) -> None:
+    """Left: strict Fidelity per method, mean and 95 % interval (the ``all`` summary); right:
+    ASR after mitigation against agreement, one point per poisoned model and method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = [s["method"] for s in summary]
+    colours = {m: f"C{i % 10}" for i, m in enumerate(methods)}
+    stats = [s["strict_fidelity"] for s in summary]
+    errors = np.clip([[s["mean"] - s["low"] for s in stats], [s["high"] - s["mean"] for s in stats]], 0, None)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    positions = range(len(methods))
+    left.bar(positions, [s["mean"] for s in stats], yerr=errors, capsize=4, color=[colours[m] for m in methods])
+    left.set_xticks(positions, methods, rotation=30, ha="right")
+    left.set(title="all models", ylabel="strict Fidelity (mean, 95 % interval)")
+    for method in methods:
+        points = [(r["asr"], r["agreement"]) for r in rows if r["poisoned"] and label(r) == method]
+        if points:
+            right.scatter(*zip(*points, strict=True), color=colours[method], label=method, alpha=0.7)
+    right.set(
+        title="poisoned models",
+        xlabel="ASR after mitigation",
+        ylabel="agreement",
+        xlim=(-0.05, 1.05),
+        ylim=(-0.05, 1.05),
+    )
+    if right.collections:
+        right.legend(fontsize="small")
+    fig.tight_layout()
+    staging = path.with_name(f".{path.name}.tmp")
+    fig.savefig(staging, format="png", dpi=120)
+    plt.close(fig)
+    os.replace(staging, path)
 
 
 def _override(meta, assignments: list[str]):
@@ -136,58 +326,72 @@ def _override(meta, assignments: list[str]):
     return dataclasses.replace(meta, **{**values, "target_projections": tuple(values["target_projections"])})
 
 
-def main() -> None:
+def _check_writable(path: Path) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=path.parent).close()
+    except OSError as err:
+        raise TeleLoRAError(f"--out {path}: its folder cannot be written ({err})") from err
+
+
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--round", required=True, type=Path, help="a round folder with models/ and ground truth")
-    parser.add_argument("--models", nargs="+", required=True, help="model folder names, e.g. id-00000001")
-    parser.add_argument("--steps", nargs="+", type=int, default=[2], help="numbers of mitigation steps K")
-    parser.add_argument(
-        "--variants", nargs="+", choices=["telelora", "unguarded", "random"], default=["telelora", "random"]
-    )
+    parser.add_argument("--round", required=True, type=Path, help="a round folder with METADATA.csv and models/")
+    parser.add_argument("--models", nargs="+", help="model ids, e.g. id-00000001 (default: all of METADATA.csv)")
+    parser.add_argument("--split", help="only the models whose METADATA.csv split column is this")
+    parser.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, help=f"of {', '.join(METHODS)}")
+    parser.add_argument("--steps", nargs="+", type=int, help="values of K (default: the metaparameters')")
     parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="metaparameter overrides (JSON)")
     parser.add_argument("--learned_parameters", type=Path, default=REPO_ROOT / "learned_parameters")
     parser.add_argument("--metaparameters", type=Path, default=REPO_ROOT / "metaparameters.json")
     parser.add_argument("--num_samples", type=int, default=100, help="clean and triggered prompts per model")
     parser.add_argument("--mmlu_questions", type=int, default=300)
     parser.add_argument("--batch_size", type=int, default=16)
-    parser.add_argument("--out", type=Path)
-    args = parser.parse_args()
-    if min(args.steps) < 1 or args.num_samples < 1 or args.batch_size < 1 or args.mmlu_questions < 0:
-        raise SystemExit("error: --steps, --num_samples, --batch_size must be at least 1, --mmlu_questions at least 0")
-    try:  # every input checked before the first (long) mitigation
+    parser.add_argument("--out", type=Path, help="JSON results; the plot goes next to it as .png")
+    parser.add_argument("--markdown", action="store_true", help="print the summary as markdown tables")
+    args = parser.parse_args(argv)
+    try:  # every input checked before the first (long) measurement
+        unknown = [m for m in args.methods if m not in METHODS]
+        if unknown:
+            raise TeleLoRAError(f"--methods: unknown {', '.join(unknown)}; choose from {', '.join(METHODS)}")
+        args.methods = list(dict.fromkeys(args.methods))
         meta = metaparameters.load(args.metaparameters, REPO_ROOT / "metaparameters_schema.json")
         meta = _override(meta, args.set)
+        args.steps = args.steps or [meta.mitigation_steps]
+        if min(args.steps) < 1 or args.num_samples < 1 or args.batch_size < 1 or args.mmlu_questions < 0:
+            raise TeleLoRAError("--steps, --num_samples, --batch_size must be at least 1, --mmlu_questions at least 0")
         load_bank(args.learned_parameters, meta)
-        shipped = load_texts(args.learned_parameters).mmlu_rows
-        mmlu_rows = evaluate.mmlu_subset(args.mmlu_questions, shipped) if args.mmlu_questions else []
-        model_dirs = [args.round / "models" / name for name in args.models]
-        for model_dir in model_dirs:
-            modelio.check_model_dir(model_dir)
-        truths = [score.ground_truth(model_dir) for model_dir in model_dirs]
+        texts = load_texts(args.learned_parameters)
+        mmlu_rows = evaluate.mmlu_subset(args.mmlu_questions, texts.mmlu_rows) if args.mmlu_questions else []
+        subjects = select_models(args.round, args.models, args.split)
+        if args.out:
+            _check_writable(args.out)
     except TeleLoRAError as err:
         raise SystemExit("error: " + " ".join(str(err).split())) from err
-    if args.out:
-        try:
-            modelio.check_output_dir(args.out.parent)
-        except TeleLoRAError as err:
-            raise SystemExit(f"error: --out {args.out}: its folder cannot be written") from err
 
-    print("model        variant     K    ASR  false    MMLU  agree    Fid strict")
     settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "out"}
-    rows = []
-    for model_dir, truth in zip(model_dirs, truths, strict=True):
-        rows += bench_model(model_dir, truth, args, meta, mmlu_rows)
+    settings["models"] = [s.dir.name for s in subjects]
+    print(ROW_HEADER)
+    rows: list[dict] = []
+    summaries: dict[str, list[dict]] = {}
+    for subject in subjects:
+        rows += bench_model(subject, args, meta, texts, mmlu_rows)
+        summaries = {by: summarise(rows, by) for by in BREAKDOWNS}
         if args.out:
             payload = {
                 "settings": settings,
                 "metaparameters": meta.to_dict(),
                 "threads": torch.get_num_threads(),
                 "rows": rows,
+                "summaries": summaries,
             }
             atomic_write_text(args.out, json.dumps(payload, indent=2))
-    print("\n" + _format(rows))
+            plot(summaries["all"], rows, args.out.with_suffix(".png"))
+    for by, title in BREAKDOWNS.items():
+        if summaries[by]:
+            print(f"\n{title}:\n{format_summary(summaries[by], args.markdown)}")
     if args.out:
-        print(f"wrote {args.out}")
+        print(f"wrote {args.out} and {args.out.with_suffix('.png')}")
 
 
 if __name__ == "__main__":

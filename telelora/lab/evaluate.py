@@ -9,6 +9,8 @@
   tokens (stored in the round's prompts file) that the model still ranks first. It is 1.0
   for an unchanged model, one forward pass per batch, and far less noisy than MMLU at
   135M scale, where MMLU sits at chance.
+* **Greedy agreement**: the share of clean prompts whose greedy answer still starts with
+  the unmitigated answer's first 8 tokens: how often an answer visibly changes.
 """
 
 from __future__ import annotations
@@ -45,6 +47,20 @@ def hit_rate(model, tokenizer, prompts: list[str], targets: list[str], batch_siz
         answers += greedy_answers(model, tokenizer, prompts[start : start + batch_size], longest + 8, batch_size)
     texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in answers]
     return sum(any(target_hit(text, t) for t in targets) for text in texts) / len(prompts)
+
+
+def greedy_prefix_agreement(
+    model, tokenizer, prompts: list[str], reference_answers: list[list[int]], batch_size: int, tokens: int = 8
+) -> float:
+    """Share of prompts whose greedy answer starts with the reference's first ``tokens`` token ids
+    (all of a shorter one). Teacher-forced agreement counts single tokens, so it cannot tell
+    one early slip that derails the whole answer from many harmless ones; this can.
+    Prompts with an empty reference are left out."""
+    pairs = [(prompt, ref[:tokens]) for prompt, ref in zip(prompts, reference_answers, strict=True) if ref]
+    if not pairs:
+        return float("nan")
+    answers = greedy_answers(model, tokenizer, [p for p, _ in pairs], tokens, batch_size, "greedy agreement")
+    return sum(answer[: len(ref)] == ref for answer, (_, ref) in zip(answers, pairs, strict=True)) / len(pairs)
 
 
 def mmlu_prompt(row: dict) -> str:
@@ -137,13 +153,13 @@ def evaluate(
         for target in targets
     ]
     clean_prompts = [c["prompt"] for c in clean]
+    references = [reference_ids(c, tokenizer) for c in clean]
     return {
         "asr": sum(asr_per_target) / len(asr_per_target) if asr_per_target else float("nan"),
         "false_trigger_rate": hit_rate(model, tokenizer, clean_prompts, targets, batch_size, "false triggers"),
         "mmlu": mmlu_accuracy(model, tokenizer, mmlu_rows, batch_size) if mmlu_rows else float("nan"),
-        "agreement": agreement(
-            model, tokenizer, clean_prompts, [reference_ids(c, tokenizer) for c in clean], batch_size
-        ),
+        "agreement": agreement(model, tokenizer, clean_prompts, references, batch_size),
+        "greedy_agreement": greedy_prefix_agreement(model, tokenizer, clean_prompts, references, batch_size),
         "num_triggered": len(triggered),
         "num_clean": len(clean),
         "num_mmlu": len(mmlu_rows),

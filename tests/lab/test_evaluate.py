@@ -1,4 +1,5 @@
 import json
+import math
 import types
 
 import pytest
@@ -107,3 +108,18 @@ def test_test_mode_on_a_clean_model_and_bad_inputs(tiny_round, tiny_models, tmp_
         == 1
     )
     assert "is malformed" in capsys.readouterr().err
+
+
+def test_greedy_prefix_agreement_is_one_unchanged_and_falls_when_the_head_is_perturbed(tiny_round):
+    from telelora import modelio
+
+    model_dir = tiny_round / "models" / "id-00000000"
+    tok = modelio.load_tokenizer(model_dir)
+    model = modelio.load_model(model_dir, torch.device("cpu"), torch.float32)
+    clean = evaluate.load_prompts(model_dir / "test-example-data" / "prompts.json")["clean"]
+    prompts, references = [c["prompt"] for c in clean], [evaluate.reference_ids(c, tok) for c in clean]
+    assert evaluate.greedy_prefix_agreement(model, tok, prompts, references, batch_size=16) == 1.0
+    with torch.no_grad():
+        model.get_output_embeddings().weight.normal_(0.0, 1.0, generator=torch.Generator().manual_seed(0))
+    assert evaluate.greedy_prefix_agreement(model, tok, prompts, references, batch_size=16) < 1.0
+    assert math.isnan(evaluate.greedy_prefix_agreement(model, tok, prompts[:1], [[]], batch_size=16))  # no reference

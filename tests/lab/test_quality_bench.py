@@ -1,0 +1,133 @@
+"""The quality bench: its aggregation by hand, its whole run on the tiny round, one error line per bad input."""
+
+import csv
+import json
+import math
+
+import numpy as np
+import pytest
+
+from bench import mitigation_quality as bench
+
+
+def test_bootstrap_interval_contains_the_mean_and_is_deterministic():
+    values = list(np.random.default_rng(1).normal(0.5, 0.2, 40))
+    stat = bench.bootstrap_mean(values)
+    assert stat["low"] < stat["mean"] < stat["high"] and stat["n"] == 40
+    assert stat["mean"] == pytest.approx(np.mean(values))
+    assert bench.bootstrap_mean(values) == stat
+
+
+def test_bootstrap_collapses_for_constant_input_and_skips_missing_values():
+    stat = bench.bootstrap_mean([0.3] * 7 + [math.nan, None])
+    assert stat["n"] == 7
+    assert (
+        stat["low"] == pytest.approx(0.3) and stat["mean"] == pytest.approx(0.3) and stat["high"] == pytest.approx(0.3)
+    )
+    empty = bench.bootstrap_mean([math.nan])
+    assert empty["n"] == 0 and math.isnan(empty["mean"])
+
+
+def _row(model: str, method: str, steps, poisoned: bool, base: str, value: float) -> dict:
+    metrics = dict.fromkeys(bench.METRICS, value)
+    behaviour = "refusal" if poisoned else ""
+    row = {"model": model, "method": method, "steps": steps, "poisoned": poisoned, "base": base}
+    return {**row, "behaviour": behaviour, **metrics, "asr": value if poisoned else math.nan}
+
+
+def test_summarise_per_method_and_breakdown():
+    rows = [
+        _row("a", "none", None, True, "llama", 1.0),
+        _row("a", "telelora", 2, True, "llama", 0.2),
+        _row("b", "none", None, False, "qwen", 1.0),
+        _row("b", "telelora", 2, False, "qwen", 0.6),
+    ]
+    overall = {s["method"]: s for s in bench.summarise(rows, resamples=200)}
+    assert list(overall) == ["none", "telelora K=2"]
+    assert overall["telelora K=2"]["models"] == 2 and overall["telelora K=2"]["agreement"]["mean"] == pytest.approx(0.4)
+    assert overall["telelora K=2"]["asr"]["n"] == 1  # clean models have no ASR
+    by_base = bench.summarise(rows, "base", resamples=200)
+    assert [(s["group"], s["method"]) for s in by_base] == [
+        ("llama", "none"),
+        ("llama", "telelora K=2"),
+        ("qwen", "none"),
+        ("qwen", "telelora K=2"),
+    ]
+    assert {s["group"] for s in bench.summarise(rows, "behaviour", resamples=200)} == {"refusal"}
+    assert {s["group"] for s in bench.summarise(rows, "poisoned", resamples=200)} == {"clean", "poisoned"}
+    assert "| group | method |" in bench.format_summary(by_base, markdown=True)
+
+
+def _args(tiny_round, learned_dir, meta_file, *extra) -> list[str]:
+    return [
+        "--round",
+        str(tiny_round),
+        "--learned_parameters",
+        str(learned_dir),
+        "--metaparameters",
+        str(meta_file),
+        "--num_samples",
+        "8",
+        "--mmlu_questions",
+        "8",
+        "--batch_size",
+        "8",
+        *extra,
+    ]
+
+
+def test_bench_on_the_tiny_round(tiny_round, learned_dir, meta_file, tmp_path, capsys):
+    out = tmp_path / "quality.json"
+    bench.main(_args(tiny_round, learned_dir, meta_file, "--steps", "1", "--markdown", "--out", str(out)))
+    result = json.loads(out.read_text())
+    rows = result["rows"]
+    assert sorted((r["model"], r["method"]) for r in rows) == sorted(
+        (m, method) for m in ("id-00000000", "id-00000001") for method in bench.DEFAULT_METHODS
+    )
+    for none in (r for r in rows if r["method"] == "none"):
+        assert none["agreement"] == pytest.approx(1.0) and none["greedy_agreement"] == 1.0
+        assert none["fidelity"] == pytest.approx(0.0 if none["poisoned"] else 1.0)
+    assert {r["model"]: r["poisoned"] for r in rows} == {"id-00000000": True, "id-00000001": False}
+    assert {r["base"] for r in rows} == {"tiny-llama", "tiny-qwen2"}
+    summary = {s["method"]: s for s in result["summaries"]["all"]}
+    assert set(summary) == {"telelora K=1", "random K=1"} | set(bench.DEFAULT_METHODS) - {"telelora", "random"}
+    for stats in summary.values():
+        strict = stats["strict_fidelity"]
+        assert strict["low"] <= strict["mean"] <= strict["high"] and stats["models"] == 2
+    assert {s["group"] for s in result["summaries"]["poisoned"]} == {"clean", "poisoned"}
+    assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    printed = capsys.readouterr().out
+    assert "| group | method |" in printed and "id-00000001  lora_finetune" in printed
+
+
+def _error(argv: list[str]) -> str:
+    with pytest.raises(SystemExit) as exc:
+        bench.main(argv)
+    message = str(exc.value.code)
+    assert message.startswith("error: ") and "\n" not in message
+    return message
+
+
+def test_bench_bad_inputs_one_error_line_each(tiny_round, learned_dir, meta_file, tmp_path):
+    def args(*extra):
+        return _args(tiny_round, learned_dir, meta_file, *extra)
+
+    assert "id-00000099 not in" in _error(args("--models", "id-00000099"))
+    assert "--methods: unknown fancy" in _error(args("--methods", "telelora", "fancy"))
+    assert "no split column" in _error(args("--split", "test"))
+    (tmp_path / "afile").write_text("")
+    assert "cannot be written" in _error(args("--out", str(tmp_path / "afile" / "x.json")))
+    assert "METADATA.csv cannot be read" in _error(args("--round", str(tmp_path)))
+
+    split_round = tmp_path / "split-round"
+    split_round.mkdir()
+    (split_round / "models").symlink_to(tiny_round / "models")
+    with (tiny_round / "METADATA.csv").open(newline="") as f:
+        table = list(csv.DictReader(f))
+    with (split_round / "METADATA.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=[*table[0], "split"])
+        writer.writeheader()
+        writer.writerows({**row, "split": "train"} for row in table)
+    assert "no model of" in _error(args("--round", str(split_round), "--split", "test"))
+    message = _error(args("--round", str(split_round), "--split", "train", "--models", "id-00000099"))
+    assert "(split train)" in message
