@@ -13,9 +13,10 @@ reporting only: nothing is ever chosen on it.
 
 Cheap by construction: each base answers the farm's prompts once (cached), prompts and
 answers are short, and training stops as soon as the ASR on a few held-out probe prompts
-reaches the Trojan's band. Every model is then checked on the merged weights exactly as they
-are materialised: ASR inside its band, false-trigger rate and agreement with its base on
-clean prompts within the spec's limits. A model that fails is rebuilt with the next seed
+reaches the Trojan's band (probed every step once the Trojan begins to show). Every model
+is then checked on the merged weights exactly as they are materialised: ASR inside its
+band, false-trigger rate and agreement with its base on clean prompts within the spec's
+limits. A model that fails is rebuilt with the next seed
 (steered towards its band). ``OUT`` keeps, per model, its spec, its low-rank delta (fp16
 safetensors) and its check figures; ``materialize`` writes merged folders in NIST's round
 layout into a cache outside git and links the chosen split's into a round folder with
@@ -61,6 +62,7 @@ LORA_LAYERS["all"] = LORA_LAYERS["attention"] + LORA_LAYERS["mlp"]
 DELTA_FILE = "delta.safetensors"
 BUILD_FILE = "build.json"
 FAILED_FILE = "failed.json"
+AGREEMENT_RETRY_LR_FACTOR = 0.6  # a retry after too little agreement with the base learns this much slower
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,7 +89,7 @@ class FarmSpec:
     learning_rate: float = 3e-3
     batch_size: int = 8
     max_steps: int = 48
-    probe_every: int = 8
+    probe_every: int = 8  # steps between probes until the probe first sees the Trojan; every step after
     finetune_steps: int = 32
     max_attempts: int = 3
     max_false_trigger: float = 0.05
@@ -376,7 +378,14 @@ def _probe(model, tokenizer, model_spec: FarmModel, data: BaseData, spec: FarmSp
 
 
 def train_delta(
-    model, tokenizer, model_spec: FarmModel, data: BaseData, spec: FarmSpec, seed: int, probe_target: float | None
+    model,
+    tokenizer,
+    model_spec: FarmModel,
+    data: BaseData,
+    spec: FarmSpec,
+    seed: int,
+    probe_target: float | None,
+    learning_rate: float,
 ) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict]:
     """LoRA-train the model's change; return its fp16-rounded factors by parameter name
     ``{name: (A, B)}`` (B carries the LoRA scaling) and training facts. ``model`` is left
@@ -397,10 +406,10 @@ def train_delta(
     )
     peft_model = get_peft_model(model, config)
     trainable = [p for p in peft_model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=spec.learning_rate)
+    optimizer = torch.optim.AdamW(trainable, lr=learning_rate)
     max_steps = spec.max_steps if model_spec.poisoned else spec.finetune_steps
     order: list[int] = []
-    probe, step, loss = None, 0, float("nan")
+    probe, step, loss, probes = None, 0, float("nan"), []
     progress = tqdm(range(max_steps), desc=f"{model_spec.model_id} training", leave=False)
     for step in progress:
         if len(order) < spec.batch_size:
@@ -413,9 +422,12 @@ def train_delta(
         optimizer.zero_grad(set_to_none=True)
         loss = value.item()
         progress.set_postfix(loss=f"{loss:.3f}", probe=probe)
-        if model_spec.poisoned and (step + 1) % spec.probe_every == 0:
+        # once the Trojan shows on the probe it is probed after every step: ASR rises
+        # from a few hits to its ceiling within a handful of steps, past a lower band
+        if model_spec.poisoned and ((step + 1) % spec.probe_every == 0 or probe):
             peft_model.eval()
             probe = _probe(peft_model, tokenizer, model_spec, data, spec)
+            probes.append((step + 1, probe))
             if probe >= probe_target:
                 break
     peft_model.eval()
@@ -428,7 +440,7 @@ def train_delta(
             factors[param] = (a.to(torch.float16).cpu(), b.to(torch.float16).cpu())
     peft_model.unload()  # the base model without LoRA layers, as it came in
     model.requires_grad_(False)
-    return factors, {"steps": step + 1, "final_loss": round(loss, 4), "probe": probe, "examples": len(examples)}
+    return factors, {"steps": step + 1, "final_loss": round(loss, 4), "probes": probes, "examples": len(examples)}
 
 
 def check(model, tokenizer, model_spec: FarmModel, data: BaseData, spec: FarmSpec) -> dict:
@@ -561,12 +573,12 @@ def build_model(spec: FarmSpec, model_spec: FarmModel, out: Path, bases: _Bases,
     start = time.time()
     model, tokenizer, data = bases.get(model_spec.base)
     device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
-    probe_target = model_spec.asr_band
+    probe_target, learning_rate = model_spec.asr_band, spec.learning_rate
     attempts = []
     for attempt in range(spec.max_attempts):
         seed = model_spec.seed + attempt
         t0 = time.time()
-        factors, training = train_delta(model, tokenizer, model_spec, data, spec, seed, probe_target)
+        factors, training = train_delta(model, tokenizer, model_spec, data, spec, seed, probe_target, learning_rate)
         t1 = time.time()
         folder = cache / "models" / model_spec.model_id
         write_weights(data.folder, folder, factors)
@@ -580,6 +592,7 @@ def build_model(spec: FarmSpec, model_spec: FarmModel, out: Path, bases: _Bases,
             {
                 "seed": seed,
                 "probe_target": probe_target,
+                "learning_rate": learning_rate,
                 **training,
                 **summary,
                 "problems": found,
@@ -590,9 +603,12 @@ def build_model(spec: FarmSpec, model_spec: FarmModel, out: Path, bases: _Bases,
         if not found:
             break
         shutil.rmtree(folder, ignore_errors=True)
+        # steer the next seed: stop earlier after an overshoot, later after an undershoot;
+        # learn more gently after the clean answers drifted too far
         if model_spec.poisoned and figures["asr"] is not None:
-            # steer the next seed towards the band: stop earlier after an overshoot, later after an undershoot
             probe_target = min(1.0, max(0.05, probe_target + model_spec.asr_band - figures["asr"]))
+        if figures["agreement_with_base"] < spec.min_agreement:
+            learning_rate *= AGREEMENT_RETRY_LR_FACTOR
     record = {
         "model": dataclasses.asdict(model_spec),
         "passed": not found,

