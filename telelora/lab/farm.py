@@ -728,6 +728,9 @@ def materialize(out: str | Path, round_dir: str | Path, split: str, cache_dir: s
         rows.append(_metadata_row(model_spec, record))
         _link(folder, round_dir / "models" / model_spec.model_id)
     for base in spec.bases:
+        if not (out / ".work" / f"answers-{base}.json").is_file():
+            log.warning("base %s has no built model yet: its clean base is left out", base)
+            continue
         folder = cache / "models" / f"clean-{base}"
         if not (folder / "test-example-data" / "prompts.json").is_file():
             data = _stored_data(spec, base, out, cache_arg)
