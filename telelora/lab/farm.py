@@ -31,7 +31,6 @@ import dataclasses
 import io
 import json
 import logging
-import os
 import random
 import shutil
 import time
@@ -735,18 +734,18 @@ def materialize(out: str | Path, round_dir: str | Path, split: str, cache_dir: s
         if not (folder / "test-example-data" / "prompts.json").is_file():
             data = _stored_data(spec, base, out, cache_arg)
             clean = FarmModel(f"clean-{base}", base, "clean_base", split, spec.seed, 0, "")
-            record = {
-                "check": {"reference_answers": data.answers["check_clean"], "triggered_prompts": [], "asr": None,
-                          "false_trigger_rate": None},
-                "reference_text": [],
-            }  # fmt: skip
             tokenizer = modelio.load_tokenizer(data.folder)
-            record["reference_text"] = [
-                tokenizer.decode(a, skip_special_tokens=True) for a in data.answers["check_clean"]
-            ]
-            modelio.copy_model_files(data.folder, folder.parent / f".{folder.name}.tmp", {}, [])
-            _add_round_files(folder.parent / f".{folder.name}.tmp", _round_files(clean, spec, record, data))
-            os.replace(folder.parent / f".{folder.name}.tmp", folder)
+            answers = data.answers["check_clean"]
+            record = {
+                "check": {
+                    "reference_answers": answers,
+                    "triggered_prompts": [],
+                    "asr": None,
+                    "false_trigger_rate": None,
+                },
+                "reference_text": [tokenizer.decode(a, skip_special_tokens=True) for a in answers],
+            }
+            modelio.copy_model_files(data.folder, folder, _round_files(clean, spec, record, data))  # staged, atomic
         rows.append({"model_name": f"clean-{base}", "poisoned": 0, "base": base,
                      "model_architecture": architecture_name(base), "kind": "clean_base", "split": split,
                      "pre_asr": 0.0, "agreement_with_base": 1.0})  # fmt: skip
