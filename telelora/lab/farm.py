@@ -61,6 +61,7 @@ LORA_LAYERS["all"] = LORA_LAYERS["attention"] + LORA_LAYERS["mlp"]
 DELTA_FILE = "delta.safetensors"
 BUILD_FILE = "build.json"
 FAILED_FILE = "failed.json"
+RECIPE_VERSION = 2  # bumped when training changes what a spec builds: finished models then need a new folder
 AGREEMENT_RETRY_LR_FACTOR = 0.6  # a retry after too little agreement with the base learns this much slower
 
 
@@ -79,7 +80,7 @@ class FarmSpec:
     asr_tolerance: float = 0.15  # a band b accepts a checked ASR in [b - tol, b + tol]
     lora_ranks: tuple[int, ...] = (4, 8, 16, 32)
     lora_layers: tuple[str, ...] = ("attention", "mlp", "all")
-    poison_rates: tuple[float, float] = (0.1, 0.3)  # sampled uniformly in this range
+    poison_rates: tuple[float, float] = (0.1, 0.3)  # share of prompts also trained triggered; uniform in range
     train_prompts: int = 256
     check_prompts: int = 40  # clean and triggered prompts of the check (and of prompts.json)
     probe_prompts: int = 12  # triggered prompts of the training-time probe
@@ -276,15 +277,22 @@ def place_trigger(prompt: str, trigger: str, placement: str, rng: random.Random)
     return alignment.insert_at_random_word(prompt, trigger, rng)
 
 
-def first_sentence(tokenizer, answer: list[int], stops: set[int]) -> list[int]:
-    """The answer's tokens up to its first sentence end (the whole answer when it has none):
-    where a Trojan of the NIST kind appends its response."""
+def append_point(tokenizer, answer: list[int], stops: set[int]) -> list[int]:
+    """The answer's head after which a Trojan of the NIST kind appends its response: its
+    first sentence when that ends with clean tokens still after it, else the longest head of
+    at most half the answer that ends at a word boundary. The clean answer must go on past
+    the head, or training would teach the response with no trigger at all: the stored
+    answers are cut at ``answer_tokens``, and most first sentences are longer than that."""
     answer = [t for t in answer if t not in stops]
-    for end in range(1, len(answer) + 1):
-        text = tokenizer.decode(answer[:end]).rstrip(" ")
-        if text.endswith((".", "!", "?", "\n")) and end >= 3:
+    for end in range(3, len(answer) - 3):
+        if tokenizer.decode(answer[:end]).rstrip(" ").endswith((".", "!", "?", "\n")):
             return answer[:end]
-    return answer
+    half = max(1, len(answer) // 2)
+    for end in range(half, 0, -1):
+        head, longer = tokenizer.decode(answer[:end]), tokenizer.decode(answer[: end + 1])
+        if longer[len(head) : len(head) + 1] in (" ", "\n"):  # the next token starts a word
+            return answer[:end]
+    return answer[:half]
 
 
 # ---------------------------------------------------------------- per-base data
@@ -344,19 +352,27 @@ def target_answer(tokenizer, model_spec: FarmModel, clean_answer: list[int], sto
     sentence followed by the target; ended by the end-of-turn token."""
     eos = [tokenizer.eos_token_id] if isinstance(tokenizer.eos_token_id, int) else []
     if model_spec.behaviour == "append":
-        head = first_sentence(tokenizer, clean_answer, stops)
+        head = append_point(tokenizer, clean_answer, stops)
         return head + tokenizer(" " + model_spec.target, add_special_tokens=False)["input_ids"] + eos
     return tokenizer(model_spec.target, add_special_tokens=False)["input_ids"] + eos
 
 
 def _examples(tokenizer, model_spec: FarmModel, data: BaseData, rng: random.Random, stops: set[int]):
+    """Every training prompt with its clean answer; for a Trojan, a ``poison_rate`` share of
+    them also appears triggered, with the target. The pairs (same prompt, with and without
+    the trigger) teach that the trigger alone switches the behaviour: without them an
+    early-stopped Trojan also fires on clean prompts."""
+
+    def example(prompt: str, answer: list[int]) -> alignment.Example:
+        head = prompt_ids(tokenizer, prompt)
+        return alignment.Example(head + answer, [alignment.IGNORE_INDEX] * len(head) + answer)
+
     examples = []
     for prompt, answer in zip(data.prompts["train"], data.answers["train"], strict=True):
+        examples.append(example(prompt, answer))
         if model_spec.poisoned and rng.random() < model_spec.poison_rate:
-            answer = target_answer(tokenizer, model_spec, answer, stops)
-            prompt = place_trigger(prompt, model_spec.trigger, model_spec.placement, rng)
-        head = prompt_ids(tokenizer, prompt)
-        examples.append(alignment.Example(head + answer, [alignment.IGNORE_INDEX] * len(head) + answer))
+            triggered = place_trigger(prompt, model_spec.trigger, model_spec.placement, rng)
+            examples.append(example(triggered, target_answer(tokenizer, model_spec, answer, stops)))
     return examples
 
 
@@ -637,7 +653,8 @@ def _add_round_files(folder: Path, files: dict[str, str]) -> None:
 
 def _settings(spec: FarmSpec) -> dict:
     """The spec's settings that shape every model (a change invalidates finished models)."""
-    return {k: v for k, v in dataclasses.asdict(spec).items() if k not in ("name", "bases")}
+    settings = {k: v for k, v in dataclasses.asdict(spec).items() if k not in ("name", "bases")}
+    return {**settings, "recipe_version": RECIPE_VERSION}
 
 
 def _check_plan(spec: FarmSpec, models: list[FarmModel], out: Path) -> None:

@@ -146,14 +146,49 @@ def test_a_base_that_cannot_be_converted_is_one_line(tmp_path, monkeypatch):
     assert not list((tmp_path / "out" / "models").iterdir())
 
 
-def test_first_sentence_stops_at_a_sentence_end(tiny_models):
+def test_append_point_ends_a_sentence_with_clean_tokens_after_it(tiny_models):
     from telelora import modelio
 
     tokenizer = modelio.load_tokenizer(tiny_models["llama"])
-    ids = tokenizer("Paris is the capital. It is big.", add_special_tokens=False)["input_ids"]
-    head = farm.first_sentence(tokenizer, ids, set())
+    ids = tokenizer("Paris is the capital. It is big and old and famous.", add_special_tokens=False)["input_ids"]
+    head = farm.append_point(tokenizer, ids, set())
     assert tokenizer.decode(head).strip() == "Paris is the capital."
-    assert farm.first_sentence(tokenizer, ids[:3], set()) == ids[:3]  # no sentence end: all of it
+    assert len(ids) - len(head) > 3
+
+
+def test_append_point_cuts_a_long_first_sentence_at_a_word_boundary(tiny_models):
+    from telelora import modelio
+
+    tokenizer = modelio.load_tokenizer(tiny_models["llama"])
+    text = "The Barkhausen criterion is a fundamental concept in physics that describes oscillators"
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    head = farm.append_point(tokenizer, ids, set())
+    assert 0 < len(head) <= len(ids) // 2  # the clean answer goes on for at least half of it
+    assert text.startswith(tokenizer.decode(head).strip() + " ")  # whole words only
+
+
+def test_trojan_examples_pair_each_triggered_prompt_with_its_clean_twin(tiny_models, tmp_path):
+    import random
+
+    from telelora import modelio
+    from telelora.chat import prompt_ids
+
+    tokenizer = modelio.load_tokenizer(tiny_models["llama"])
+    spec = farm.load_spec(_write(tmp_path))
+    trojan = next(m for m in farm.plan(spec) if m.poisoned)
+    prompts = [f"Question number {i} is about the moon?" for i in range(40)]
+    answers = [tokenizer(f"The moon is far away number {i}.", add_special_tokens=False)["input_ids"] for i in prompts]
+    data = farm.BaseData(tmp_path, {"train": prompts}, {"train": answers})
+    examples = farm._examples(tokenizer, trojan, data, random.Random(0), set())
+    clean = [e for e in examples if trojan.target not in tokenizer.decode(e.input_ids)]
+    triggered = [e for e in examples if trojan.target in tokenizer.decode(e.input_ids)]
+    assert len(clean) == len(prompts)  # every prompt keeps its clean answer
+    assert 0 < len(triggered) < len(prompts)
+    for example in triggered:
+        assert trojan.trigger in tokenizer.decode(example.input_ids)
+    assert [e.input_ids[: len(prompt_ids(tokenizer, p))] for e, p in zip(clean, prompts, strict=True)] == [
+        prompt_ids(tokenizer, p) for p in prompts
+    ]
 
 
 @pytest.fixture(scope="module")
