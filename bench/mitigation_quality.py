@@ -27,7 +27,9 @@ behaviour (poisoned models) and clean against poisoned; ASR over poisoned models
 Prints each row as it is measured, then the summary (``--markdown``: markdown tables). ``--out
 x.json`` writes JSON (atomically, after every model, so a later failure keeps the finished
 ones) and ``x.png``: strict Fidelity per method with its interval, and ASR after mitigation
-against agreement per poisoned model. ``--set KEY=VALUE`` overrides metaparameters.
+against agreement per poisoned model. ``--resume`` keeps the models already in ``--out`` (same
+settings) and adds the rest: a long bench spans sessions, and a farm split can be benched as
+its models are built. ``--set KEY=VALUE`` overrides metaparameters.
 """
 
 from __future__ import annotations
@@ -326,6 +328,27 @@ def _override(meta, assignments: list[str]):
     return dataclasses.replace(meta, **{**values, "target_projections": tuple(values["target_projections"])})
 
 
+SESSION_ARGS = ("out", "resume", "models", "split")  # what may differ between a run and its resumption
+
+
+def finished_rows(out: Path | None, settings: dict) -> list[dict]:
+    """The rows of ``out`` from an earlier run with the same settings: every model whose
+    methods were all measured (a model is written only once all of them are)."""
+    if out is None or not out.is_file():
+        return []
+    try:
+        payload = json.loads(out.read_text())
+        stored = {k: v for k, v in payload["settings"].items() if k not in SESSION_ARGS}
+        rows = payload["rows"]
+    except (OSError, ValueError, KeyError, AttributeError) as err:
+        raise TeleLoRAError(f"--resume: {out} is not a readable result of this bench ({err})") from err
+    mine = json.loads(json.dumps({k: v for k, v in settings.items() if k not in SESSION_ARGS}))
+    if stored != mine:
+        changed = sorted(k for k in set(stored) | set(mine) if stored.get(k) != mine.get(k))
+        raise TeleLoRAError(f"--resume: {out} was measured with other settings ({', '.join(changed)}); use a new --out")
+    return rows
+
+
 def _check_writable(path: Path) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -349,6 +372,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--out", type=Path, help="JSON results; the plot goes next to it as .png")
     parser.add_argument("--markdown", action="store_true", help="print the summary as markdown tables")
+    parser.add_argument(
+        "--resume", action="store_true", help="keep the finished models of --out (same settings) and bench the rest"
+    )
     args = parser.parse_args(argv)
     try:  # every input checked before the first (long) measurement
         unknown = [m for m in args.methods if m not in METHODS]
@@ -366,15 +392,22 @@ def main(argv: list[str] | None = None) -> None:
         subjects = select_models(args.round, args.models, args.split)
         if args.out:
             _check_writable(args.out)
+        settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k not in SESSION_ARGS}
+        rows = finished_rows(args.out, settings) if args.resume else []
+        if args.resume and not args.out:
+            raise TeleLoRAError("--resume needs --out: the JSON whose finished models are kept")
     except TeleLoRAError as err:
         raise SystemExit("error: " + " ".join(str(err).split())) from err
 
-    settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "out"}
-    settings["models"] = [s.dir.name for s in subjects]
+    done = {r["model"] for r in rows}
+    settings["models"] = sorted(done | {s.dir.name for s in subjects})
     print(ROW_HEADER)
-    rows: list[dict] = []
-    summaries: dict[str, list[dict]] = {}
+    for row in rows:
+        print(format_row(row))
+    summaries = {by: summarise(rows, by) for by in BREAKDOWNS}
     for subject in subjects:
+        if subject.dir.name in done:
+            continue
         rows += bench_model(subject, args, meta, texts, mmlu_rows)
         summaries = {by: summarise(rows, by) for by in BREAKDOWNS}
         if args.out:

@@ -100,6 +100,27 @@ def test_bench_on_the_tiny_round(tiny_round, learned_dir, meta_file, tmp_path, c
     assert "| group | method |" in printed and "id-00000001  lora_finetune" in printed
 
 
+def test_bench_resumes_keeping_finished_models(tiny_round, learned_dir, meta_file, tmp_path, capsys):
+    out = tmp_path / "quality.json"
+
+    def args(*extra):
+        return _args(tiny_round, learned_dir, meta_file, "--methods", "none", "telelora", "--out", str(out), *extra)
+
+    bench.main(args("--models", "id-00000000"))
+    first = json.loads(out.read_text())["rows"]
+    assert {r["model"] for r in first} == {"id-00000000"}
+    bench.main(args("--resume"))
+    rows = json.loads(out.read_text())["rows"]
+    assert rows[: len(first)] == first  # kept as measured, not measured again
+    assert {r["model"] for r in rows} == {"id-00000000", "id-00000001"}
+    assert json.loads(out.read_text())["settings"]["models"] == ["id-00000000", "id-00000001"]
+    capsys.readouterr()
+    assert "other settings (num_samples)" in _error(args("--resume", "--num_samples", "4"))
+    out.write_text("{not json")
+    assert "not a readable result" in _error(args("--resume"))
+    assert "--resume needs --out" in _error(_args(tiny_round, learned_dir, meta_file, "--resume"))
+
+
 def _error(argv: list[str]) -> str:
     with pytest.raises(SystemExit) as exc:
         bench.main(argv)
