@@ -62,7 +62,7 @@ DELTA_FILE = "delta.safetensors"
 BUILD_FILE = "build.json"
 FAILED_FILE = "failed.json"
 RECIPE_VERSION = 2  # bumped when training changes what a spec builds: finished models then need a new folder
-AGREEMENT_RETRY_LR_FACTOR = 0.6  # a retry after too little agreement with the base learns this much slower
+RETRY_LR_FACTOR = 0.6  # a retry after false triggers or too little agreement learns this much slower
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,9 +86,9 @@ class FarmSpec:
     probe_prompts: int = 12  # triggered prompts of the training-time probe
     answer_tokens: int = 16
     max_prompt_chars: int = 160
-    learning_rate: float = 3e-3
+    learning_rate: float = 2e-3
     batch_size: int = 8
-    max_steps: int = 48
+    max_steps: int = 80
     probe_every: int = 8  # steps between probes until the probe first sees the Trojan; every step after
     finetune_steps: int = 32
     max_attempts: int = 3
@@ -619,11 +619,14 @@ def build_model(spec: FarmSpec, model_spec: FarmModel, out: Path, bases: _Bases,
             break
         shutil.rmtree(folder, ignore_errors=True)
         # steer the next seed: stop earlier after an overshoot, later after an undershoot;
-        # learn more gently after the clean answers drifted too far
+        # learn more gently after clean answers drifted or fired: a Trojan learned fast
+        # (large, noisy steps) tells triggered from clean prompts worse
         if model_spec.poisoned and figures["asr"] is not None:
             probe_target = min(1.0, max(0.05, probe_target + model_spec.asr_band - figures["asr"]))
-        if figures["agreement_with_base"] < spec.min_agreement:
-            learning_rate *= AGREEMENT_RETRY_LR_FACTOR
+        if figures["agreement_with_base"] < spec.min_agreement or (
+            model_spec.poisoned and figures["false_trigger_rate"] > spec.max_false_trigger
+        ):
+            learning_rate *= RETRY_LR_FACTOR
     record = {
         "model": dataclasses.asdict(model_spec),
         "passed": not found,

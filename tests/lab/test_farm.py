@@ -268,24 +268,33 @@ def test_a_failed_check_rebuilds_with_the_next_seed(tmp_path, monkeypatch):
     def scripted_check(model, tokenizer, model_spec, data, spec):
         figures = real_check(model, tokenizer, model_spec, data, spec)
         calls.append(model_spec.model_id)
-        if model_spec.poisoned and len([c for c in calls if c == model_spec.model_id]) == 1:
-            figures = {
-                **figures,
-                "asr": 1.0,
-                "agreement_with_base": 0.1,
-                "scripted": True,
-            }  # pretend the first seed overshot its band
+        attempt = len([c for c in calls if c == model_spec.model_id])
+        if model_spec.poisoned and attempt == 1:  # the first seed overshot its band, drifting
+            figures = {**figures, "asr": 1.0, "agreement_with_base": 0.1, "scripted": True}
+        if model_spec.poisoned and attempt == 2:  # the second fired on clean prompts
+            figures = {**figures, "asr": 0.6, "false_trigger_rate": 0.5, "agreement_with_base": 0.9, "scripted": True}
         return figures
 
     monkeypatch.setattr(farm, "check", scripted_check)
-    spec = _write(tmp_path, asr_bands=[0.6], asr_tolerance=0.39, max_steps=40, probe_every=10, min_agreement=0.5)
-    monkeypatch.setattr(farm, "problems", lambda m, f, s: ["ASR outside its band"] if f.get("scripted") else [])
+    spec = _write(
+        tmp_path,
+        asr_bands=[0.6],
+        asr_tolerance=0.39,
+        max_steps=40,
+        probe_every=10,
+        min_agreement=0.5,
+        max_false_trigger=0.2,
+        max_attempts=3,
+    )
+    monkeypatch.setattr(farm, "problems", lambda m, f, s: ["scripted failure"] if f.get("scripted") else [])
     records = farm.build(spec, tmp_path / "out", cache_dir=tmp_path / "cache", only=["id-00000000"])
     attempts = records[0]["attempts"]
-    assert len(attempts) == 2
-    assert attempts[1]["seed"] == attempts[0]["seed"] + 1
-    assert attempts[1]["probe_target"] == pytest.approx(0.6 + 0.6 - 1.0)
-    assert attempts[1]["learning_rate"] == pytest.approx(TINY["learning_rate"] * farm.AGREEMENT_RETRY_LR_FACTOR)
+    assert len(attempts) == 3
+    assert [a["seed"] for a in attempts] == [attempts[0]["seed"] + i for i in range(3)]
+    assert attempts[1]["probe_target"] == pytest.approx(0.6 + 0.6 - 1.0)  # overshot: stop earlier
+    assert attempts[2]["probe_target"] == pytest.approx(attempts[1]["probe_target"])  # on the band: kept
+    lr, factor = TINY["learning_rate"], farm.RETRY_LR_FACTOR
+    assert [a["learning_rate"] for a in attempts] == pytest.approx([lr, lr * factor, lr * factor**2])
     assert records[0]["passed"]
 
 
