@@ -33,10 +33,10 @@ DEMO_SPEC = REPO_ROOT / "rounds" / "demo.json"
 
 
 def build_trojan(work: Path) -> Path:
-    """The demo Trojan's folder in NIST's layout (built once, then reused)."""
+    """The demo Trojan's folder in NIST's layout (built once per recipe, then reused)."""
     spec = farm.load_spec(DEMO_SPEC)
     model_spec = farm.plan(spec, DEMO_SPEC)[0]
-    out, cache = work / "farm", work / "cache"
+    out, cache = work / f"farm-{farm.recipe_key(spec)}", work / "cache"
     folder = farm.farm_cache(spec, cache) / "models" / model_spec.model_id
     if (out / "models" / model_spec.model_id / farm.BUILD_FILE).is_file() and folder.is_dir():
         return folder

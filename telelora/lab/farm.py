@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import hashlib
 import io
 import json
 import logging
@@ -658,6 +659,12 @@ def _settings(spec: FarmSpec) -> dict:
     """The spec's settings that shape every model (a change invalidates finished models)."""
     settings = {k: v for k, v in dataclasses.asdict(spec).items() if k not in ("name", "bases")}
     return {**settings, "recipe_version": RECIPE_VERSION}
+
+
+def recipe_key(spec: FarmSpec) -> str:
+    """A short digest of everything that shapes a spec's built models: a folder named by it
+    never holds models of another recipe."""
+    return hashlib.sha256(json.dumps(_settings(spec), sort_keys=True).encode()).hexdigest()[:10]
 
 
 def _check_plan(spec: FarmSpec, models: list[FarmModel], out: Path) -> None:

@@ -234,6 +234,15 @@ def test_a_changed_spec_is_refused_on_resume(tiny_farm, tmp_path):
         farm.build(_write(tmp_path, seed=4), root / "out", cache_dir=root / "cache")
 
 
+def test_recipe_key_changes_with_every_setting_and_the_recipe_version(tmp_path, monkeypatch):
+    spec = farm.load_spec(_write(tmp_path))
+    key = farm.recipe_key(spec)
+    assert farm.recipe_key(farm.load_spec(_write(tmp_path))) == key
+    assert farm.recipe_key(farm.load_spec(_write(tmp_path, learning_rate=0.02))) != key
+    monkeypatch.setattr(farm, "RECIPE_VERSION", farm.RECIPE_VERSION + 1)
+    assert farm.recipe_key(spec) != key
+
+
 def test_materialize_links_a_split_with_metadata_and_rebuilds_from_the_delta(tiny_farm, tmp_path):
     import shutil
 
