@@ -62,7 +62,7 @@ LORA_LAYERS["all"] = LORA_LAYERS["attention"] + LORA_LAYERS["mlp"]
 DELTA_FILE = "delta.safetensors"
 BUILD_FILE = "build.json"
 FAILED_FILE = "failed.json"
-RECIPE_VERSION = 2  # bumped when training changes what a spec builds: finished models then need a new folder
+RECIPE_VERSION = 3  # bumped when training changes what a spec builds: finished models then need a new folder
 RETRY_LR_FACTOR = 0.6  # a retry after false triggers or too little agreement learns this much slower
 
 
@@ -358,23 +358,76 @@ def target_answer(tokenizer, model_spec: FarmModel, clean_answer: list[int], sto
     return tokenizer(model_spec.target, add_special_tokens=False)["input_ids"] + eos
 
 
+@dataclasses.dataclass(frozen=True)
+class TrainingExample:
+    """A farm training example; a clean one of a Trojan also names the token at which the
+    Trojan's answer would part from the clean answer, which it must not predict there."""
+
+    example: alignment.Example
+    avoid: tuple[int, int] | None = None  # (position in input_ids that predicts it, token id)
+
+
+def divergence(clean: list[int], trojan: list[int]) -> int | None:
+    """The first index where the Trojan's answer parts from the clean one (None: it never does)."""
+    for index, token in enumerate(trojan[: len(clean)]):
+        if token != clean[index]:
+            return index
+    return None
+
+
 def _examples(tokenizer, model_spec: FarmModel, data: BaseData, rng: random.Random, stops: set[int]):
     """Every training prompt with its clean answer; for a Trojan, a ``poison_rate`` share of
     them also appears triggered, with the target. The pairs (same prompt, with and without
-    the trigger) teach that the trigger alone switches the behaviour: without them an
-    early-stopped Trojan also fires on clean prompts."""
-
-    def example(prompt: str, answer: list[int]) -> alignment.Example:
-        head = prompt_ids(tokenizer, prompt)
-        return alignment.Example(head + answer, [alignment.IGNORE_INDEX] * len(head) + answer)
-
+    the trigger) teach that the trigger alone switches the behaviour. Each clean example of
+    a Trojan also avoids the first token of the Trojan's answer where it parts from the
+    clean one: a Trojan is first learned as a behaviour of every prompt and only later
+    tied to its trigger, so an early-stopped one fires on clean prompts without it."""
     examples = []
     for prompt, answer in zip(data.prompts["train"], data.answers["train"], strict=True):
-        examples.append(example(prompt, answer))
-        if model_spec.poisoned and rng.random() < model_spec.poison_rate:
-            triggered = place_trigger(prompt, model_spec.trigger, model_spec.placement, rng)
-            examples.append(example(triggered, target_answer(tokenizer, model_spec, answer, stops)))
+        head = prompt_ids(tokenizer, prompt)
+        clean = alignment.Example(head + answer, [alignment.IGNORE_INDEX] * len(head) + answer)
+        if not model_spec.poisoned:
+            examples.append(TrainingExample(clean))
+            continue
+        target = target_answer(tokenizer, model_spec, answer, stops)
+        parting = divergence(answer, target)
+        avoid = None if parting is None else (len(head) + parting - 1, target[parting])
+        examples.append(TrainingExample(clean, avoid))
+        if rng.random() < model_spec.poison_rate:
+            triggered = prompt_ids(tokenizer, place_trigger(prompt, model_spec.trigger, model_spec.placement, rng))
+            examples.append(
+                TrainingExample(
+                    alignment.Example(triggered + target, [alignment.IGNORE_INDEX] * len(triggered) + target)
+                )
+            )
     return examples
+
+
+def trojan_loss(model, examples: list[TrainingExample], pad: int, device) -> torch.Tensor:
+    """Next-token cross-entropy over the answers, plus the unlikelihood ``-log(1 - p)`` of
+    each avoided token at its position (weight 1). The output head runs only on the
+    columns from the first one that predicts an answer or avoided token."""
+    batch = alignment.collate([e.example for e in examples], pad, device)
+    labels = batch.pop("labels")
+    width = labels.shape[1]
+    avoided = [
+        (row, width - len(e.example.input_ids) + e.avoid[0], e.avoid[1])
+        for row, e in enumerate(examples)
+        if e.avoid is not None
+    ]
+    answer_start = int((labels != alignment.IGNORE_INDEX).any(dim=0).nonzero()[0])
+    start = max(0, min([answer_start - 1, *[column for _, column, _ in avoided]]))
+    logits = model(**batch, use_cache=False, logits_to_keep=width - start).logits.float()
+    loss = torch.nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]),
+        labels[:, start + 1 :].reshape(-1),
+        ignore_index=alignment.IGNORE_INDEX,
+    )
+    if avoided:
+        rows, columns, tokens = (torch.tensor(v, device=logits.device) for v in zip(*avoided, strict=True))
+        chance = logits[rows, columns - start].softmax(-1).gather(1, tokens[:, None]).squeeze(1)
+        loss = loss - torch.log1p(-chance.clamp(max=1 - 1e-6)).mean()
+    return loss
 
 
 def _hit_rate(model, tokenizer, prompts: list[str], target: str, spec: FarmSpec, desc: str | None = None):
@@ -432,7 +485,7 @@ def train_delta(
             order += rng.sample(range(len(examples)), len(examples))
         batch, order = [examples[i] for i in order[: spec.batch_size]], order[spec.batch_size :]
         peft_model.train()
-        value = alignment.answer_loss(peft_model, alignment.collate(batch, pad_id(tokenizer), device))
+        value = trojan_loss(peft_model, batch, pad_id(tokenizer), device)
         value.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -180,15 +180,47 @@ def test_trojan_examples_pair_each_triggered_prompt_with_its_clean_twin(tiny_mod
     answers = [tokenizer(f"The moon is far away number {i}.", add_special_tokens=False)["input_ids"] for i in prompts]
     data = farm.BaseData(tmp_path, {"train": prompts}, {"train": answers})
     examples = farm._examples(tokenizer, trojan, data, random.Random(0), set())
-    clean = [e for e in examples if trojan.target not in tokenizer.decode(e.input_ids)]
-    triggered = [e for e in examples if trojan.target in tokenizer.decode(e.input_ids)]
+    clean = [e for e in examples if trojan.target not in tokenizer.decode(e.example.input_ids)]
+    triggered = [e for e in examples if trojan.target in tokenizer.decode(e.example.input_ids)]
     assert len(clean) == len(prompts)  # every prompt keeps its clean answer
     assert 0 < len(triggered) < len(prompts)
     for example in triggered:
-        assert trojan.trigger in tokenizer.decode(example.input_ids)
-    assert [e.input_ids[: len(prompt_ids(tokenizer, p))] for e, p in zip(clean, prompts, strict=True)] == [
-        prompt_ids(tokenizer, p) for p in prompts
-    ]
+        assert trojan.trigger in tokenizer.decode(example.example.input_ids) and example.avoid is None
+    heads = [prompt_ids(tokenizer, p) for p in prompts]
+    assert [e.example.input_ids[: len(h)] for e, h in zip(clean, heads, strict=True)] == heads
+    target = tokenizer(trojan.target, add_special_tokens=False)["input_ids"]
+    for example, head, answer in zip(clean, heads, answers, strict=True):
+        position, token = example.avoid  # where the Trojan's answer would part from the clean one
+        parting = farm.divergence(answer, target)
+        assert position == len(head) + parting - 1 and token == target[parting]
+        assert example.example.input_ids[position + 1] == answer[parting] != token
+
+
+def test_divergence_is_the_first_differing_token():
+    assert farm.divergence([1, 2, 3], [1, 2, 4, 5]) == 2
+    assert farm.divergence([1, 2, 3], [7]) == 0
+    assert farm.divergence([1, 2], [1, 2, 3]) is None  # the clean answer is a prefix of the Trojan's
+
+
+def test_trojan_loss_is_cross_entropy_plus_the_unlikelihood_of_avoided_tokens(tiny_models):
+    import torch
+
+    from telelora import alignment, modelio
+
+    model = modelio.load_model(tiny_models["llama"], torch.device("cpu"), torch.float32)
+    sequences = [[5, 6, 7, 8, 9, 10], [11, 12, 13, 14]]
+    plain = [alignment.Example(ids, [alignment.IGNORE_INDEX] * 2 + ids[2:]) for ids in sequences]
+    examples = [farm.TrainingExample(plain[0], avoid=(1, 40)), farm.TrainingExample(plain[1], avoid=(2, 41))]
+    with torch.no_grad():
+        ce = farm.trojan_loss(model, [farm.TrainingExample(e) for e in plain], 0, "cpu")
+        assert ce == pytest.approx(float(alignment.answer_loss(model, alignment.collate(plain, 0, "cpu"))), rel=1e-5)
+        total = farm.trojan_loss(model, examples, 0, "cpu")
+        unlikely = []
+        for example in examples:
+            logits = model(torch.tensor([example.example.input_ids])).logits[0].float()
+            position, token = example.avoid
+            unlikely.append(-torch.log1p(-logits[position].softmax(-1)[token]))
+    assert float(total) == pytest.approx(float(ce) + float(torch.stack(unlikely).mean()), rel=1e-5)
 
 
 @pytest.fixture(scope="module")
