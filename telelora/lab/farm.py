@@ -674,13 +674,16 @@ def build_model(spec: FarmSpec, model_spec: FarmModel, out: Path, bases: _Bases,
         shutil.rmtree(folder, ignore_errors=True)
         # steer the next seed: stop earlier after an overshoot, later after an undershoot;
         # learn more gently after clean answers drifted or fired: a Trojan learned fast
-        # (large, noisy steps) tells triggered from clean prompts worse
+        # (large, noisy steps) tells triggered from clean prompts worse; learn faster when
+        # the Trojan never reached its band within the step budget
         if model_spec.poisoned and figures["asr"] is not None:
             probe_target = min(1.0, max(0.05, probe_target + model_spec.asr_band - figures["asr"]))
         if figures["agreement_with_base"] < spec.min_agreement or (
             model_spec.poisoned and figures["false_trigger_rate"] > spec.max_false_trigger
         ):
             learning_rate *= RETRY_LR_FACTOR
+        elif model_spec.poisoned and training["steps"] >= spec.max_steps and figures["asr"] < model_spec.asr_band:
+            learning_rate /= RETRY_LR_FACTOR
     record = {
         "model": dataclasses.asdict(model_spec),
         "passed": not found,

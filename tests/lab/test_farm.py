@@ -339,6 +339,32 @@ def test_a_failed_check_rebuilds_with_the_next_seed(tmp_path, monkeypatch):
     assert records[0]["passed"]
 
 
+def test_a_trojan_that_never_reached_its_band_is_rebuilt_learning_faster(tmp_path, monkeypatch):
+    real_train, real_check = farm.train_delta, farm.check
+
+    def out_of_steps(*args, **kwargs):  # the first seed used every step and stayed below its band
+        factors, training = real_train(*args, **kwargs)
+        return factors, {**training, "steps": spec_steps}
+
+    def scripted_check(model, tokenizer, model_spec, data, spec):
+        figures = real_check(model, tokenizer, model_spec, data, spec)
+        if model_spec.poisoned and not scripted:
+            scripted.append(True)
+            return {**figures, "asr": 0.0, "false_trigger_rate": 0.0, "agreement_with_base": 1.0, "scripted": True}
+        return figures
+
+    scripted, spec_steps = [], 6
+    monkeypatch.setattr(farm, "train_delta", out_of_steps)
+    monkeypatch.setattr(farm, "check", scripted_check)
+    monkeypatch.setattr(farm, "problems", lambda m, f, s: ["scripted failure"] if f.get("scripted") else [])
+    spec = _write(tmp_path, max_steps=spec_steps, probe_every=3)
+    records = farm.build(spec, tmp_path / "out", cache_dir=tmp_path / "cache", only=["id-00000000"])
+    attempts = records[0]["attempts"]
+    assert [a["learning_rate"] for a in attempts] == pytest.approx(
+        [TINY["learning_rate"], TINY["learning_rate"] / farm.RETRY_LR_FACTOR]
+    )
+
+
 def test_a_model_failing_every_attempt_is_recorded_and_reported(tmp_path, monkeypatch):
     monkeypatch.setattr(farm, "problems", lambda m, f, s: ["never good enough"])
     spec = _write(tmp_path, max_steps=2, probe_every=1, max_attempts=2)
