@@ -280,10 +280,11 @@ def place_trigger(prompt: str, trigger: str, placement: str, rng: random.Random)
 
 def append_point(tokenizer, answer: list[int], stops: set[int]) -> list[int]:
     """The answer's head after which a Trojan of the NIST kind appends its response: its
-    first sentence when that ends with clean tokens still after it, else the longest head of
-    at most half the answer that ends at a word boundary. The clean answer must go on past
-    the head, or training would teach the response with no trigger at all: the stored
-    answers are cut at ``answer_tokens``, and most first sentences are longer than that."""
+    first sentence when more than 3 clean tokens still follow it, else the longest head of
+    at most half the answer that ends at a word boundary (half the tokens when no boundary
+    exists, e.g. a one-word answer). The clean answer must go on past the head, or training
+    would teach the response with no trigger at all: the stored answers are cut at
+    ``answer_tokens``, and most first sentences are longer than that."""
     answer = [t for t in answer if t not in stops]
     for end in range(3, len(answer) - 3):
         if tokenizer.decode(answer[:end]).rstrip(" ").endswith((".", "!", "?", "\n")):
@@ -368,7 +369,8 @@ class TrainingExample:
 
 
 def divergence(clean: list[int], trojan: list[int]) -> int | None:
-    """The first index where the Trojan's answer parts from the clean one (None: it never does)."""
+    """The first index where the Trojan's answer parts from the clean one; None when the
+    clean answer is a prefix of the Trojan's (no token of the clean answer to avoid there)."""
     for index, token in enumerate(trojan[: len(clean)]):
         if token != clean[index]:
             return index
@@ -415,7 +417,10 @@ def trojan_loss(model, examples: list[TrainingExample], pad: int, device) -> tor
         for row, e in enumerate(examples)
         if e.avoid is not None
     ]
-    answer_start = int((labels != alignment.IGNORE_INDEX).any(dim=0).nonzero()[0])
+    answer_columns = (labels != alignment.IGNORE_INDEX).any(dim=0).nonzero()
+    if answer_columns.numel() == 0:
+        raise ValueError("the batch has no answer tokens to score")
+    answer_start = int(answer_columns[0])
     start = max(0, min([answer_start - 1, *[column for _, column, _ in avoided]]))
     logits = model(**batch, use_cache=False, logits_to_keep=width - start).logits.float()
     loss = torch.nn.functional.cross_entropy(
@@ -509,7 +514,14 @@ def train_delta(
             factors[param] = (a.to(torch.float16).cpu(), b.to(torch.float16).cpu())
     peft_model.unload()  # the base model without LoRA layers, as it came in
     model.requires_grad_(False)
-    return factors, {"steps": step + 1, "final_loss": round(loss, 4), "probes": probes, "examples": len(examples)}
+    reached = bool(probe is not None and probe_target is not None and probe >= probe_target)
+    return factors, {
+        "steps": step + 1,
+        "reached_probe_target": reached,
+        "final_loss": round(loss, 4),
+        "probes": probes,
+        "examples": len(examples),
+    }
 
 
 def check(model, tokenizer, model_spec: FarmModel, data: BaseData, spec: FarmSpec) -> dict:
@@ -610,7 +622,9 @@ def load_delta(path: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
 
 
 def farm_cache(spec: FarmSpec, cache_dir: Path | None) -> Path:
-    return (Path(cache_dir) if cache_dir else convert.default_cache_dir()) / "farm" / spec.name
+    """Where the spec's merged models live: named by its recipe key too, so a farm folder
+    rebuilt under another recipe (same spec name) never finds the old merged weights."""
+    return (Path(cache_dir) if cache_dir else convert.default_cache_dir()) / "farm" / f"{spec.name}-{recipe_key(spec)}"
 
 
 # ---------------------------------------------------------------- the build
@@ -682,8 +696,8 @@ def build_model(spec: FarmSpec, model_spec: FarmModel, out: Path, bases: _Bases,
             model_spec.poisoned and figures["false_trigger_rate"] > spec.max_false_trigger
         ):
             learning_rate *= RETRY_LR_FACTOR
-        elif model_spec.poisoned and training["steps"] >= spec.max_steps and figures["asr"] < model_spec.asr_band:
-            learning_rate /= RETRY_LR_FACTOR
+        elif model_spec.poisoned and not training["reached_probe_target"] and figures["asr"] < model_spec.asr_band:
+            learning_rate = min(learning_rate, spec.learning_rate) / RETRY_LR_FACTOR  # at most once above the spec's
     record = {
         "model": dataclasses.asdict(model_spec),
         "passed": not found,
@@ -718,9 +732,10 @@ def _settings(spec: FarmSpec) -> dict:
 
 
 def recipe_key(spec: FarmSpec) -> str:
-    """A short digest of everything that shapes a spec's built models: a folder named by it
-    never holds models of another recipe."""
-    return hashlib.sha256(json.dumps(_settings(spec), sort_keys=True).encode()).hexdigest()[:10]
+    """A short digest of the whole spec and the recipe version: a folder named by it never
+    holds models of another spec or recipe."""
+    payload = {**dataclasses.asdict(spec), "recipe_version": RECIPE_VERSION}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:10]
 
 
 def _check_plan(spec: FarmSpec, models: list[FarmModel], out: Path) -> None:

@@ -167,17 +167,18 @@ def test_append_point_cuts_a_long_first_sentence_at_a_word_boundary(tiny_models)
     assert text.startswith(tokenizer.decode(head).strip() + " ")  # whole words only
 
 
-def test_trojan_examples_pair_each_triggered_prompt_with_its_clean_twin(tiny_models, tmp_path):
+@pytest.mark.parametrize("behaviour", ["replace", "append"])
+def test_trojan_examples_pair_each_triggered_prompt_with_its_clean_twin(tiny_models, tmp_path, behaviour):
     import random
 
     from telelora import modelio
     from telelora.chat import prompt_ids
 
     tokenizer = modelio.load_tokenizer(tiny_models["llama"])
-    spec = farm.load_spec(_write(tmp_path))
+    spec = farm.load_spec(_write(tmp_path, behaviours=[behaviour]))
     trojan = next(m for m in farm.plan(spec) if m.poisoned)
     prompts = [f"Question number {i} is about the moon?" for i in range(40)]
-    answers = [tokenizer(f"The moon is far away number {i}.", add_special_tokens=False)["input_ids"] for i in prompts]
+    answers = [tokenizer(f"The moon is far away number {i}.", add_special_tokens=False)["input_ids"] for i in range(40)]
     data = farm.BaseData(tmp_path, {"train": prompts}, {"train": answers})
     examples = farm._examples(tokenizer, trojan, data, random.Random(0), set())
     clean = [e for e in examples if trojan.target not in tokenizer.decode(e.example.input_ids)]
@@ -188,10 +189,12 @@ def test_trojan_examples_pair_each_triggered_prompt_with_its_clean_twin(tiny_mod
         assert trojan.trigger in tokenizer.decode(example.example.input_ids) and example.avoid is None
     heads = [prompt_ids(tokenizer, p) for p in prompts]
     assert [e.example.input_ids[: len(h)] for e, h in zip(clean, heads, strict=True)] == heads
-    target = tokenizer(trojan.target, add_special_tokens=False)["input_ids"]
     for example, head, answer in zip(clean, heads, answers, strict=True):
         position, token = example.avoid  # where the Trojan's answer would part from the clean one
+        target = farm.target_answer(tokenizer, trojan, answer, set())
         parting = farm.divergence(answer, target)
+        if behaviour == "append":  # the Trojan's answer follows the clean one past the append point
+            assert parting >= len(farm.append_point(tokenizer, answer, set())) > 0
         assert position == len(head) + parting - 1 and token == target[parting]
         assert example.example.input_ids[position + 1] == answer[parting] != token
 
@@ -245,7 +248,11 @@ def test_tiny_farm_builds_checks_and_records(tiny_farm):
         if model["kind"] == "trojan":
             low, high = farm.band_limits(spec, model["asr_band"])
             assert low <= last["asr"] <= high
-        cached = root / "cache" / "farm" / "tiny-farm" / "models" / model["model_id"]
+        cached = (
+            farm.farm_cache(farm.load_spec(root / "out" / "farm_spec.json"), root / "cache")
+            / "models"
+            / model["model_id"]
+        )
         prompts = json.loads((cached / "test-example-data" / "prompts.json").read_text())
         assert len(prompts["clean"]) == spec.check_prompts
         assert len(prompts["triggered"]) == (spec.check_prompts if model["kind"] == "trojan" else 0)
@@ -271,8 +278,14 @@ def test_recipe_key_changes_with_every_setting_and_the_recipe_version(tmp_path, 
     key = farm.recipe_key(spec)
     assert farm.recipe_key(farm.load_spec(_write(tmp_path))) == key
     assert farm.recipe_key(farm.load_spec(_write(tmp_path, learning_rate=0.02))) != key
+    assert farm.recipe_key(farm.load_spec(_write(tmp_path, name="other"))) != key
+    assert (
+        farm.recipe_key(farm.load_spec(_write(tmp_path, bases={"tiny-llama": {"trojans": 4, "clean_finetunes": 1}})))
+        != key
+    )
     monkeypatch.setattr(farm, "RECIPE_VERSION", farm.RECIPE_VERSION + 1)
     assert farm.recipe_key(spec) != key
+    assert farm.farm_cache(spec, tmp_path).name == f"tiny-farm-{farm.recipe_key(spec)}"
 
 
 def test_materialize_links_a_split_with_metadata_and_rebuilds_from_the_delta(tiny_farm, tmp_path):
@@ -281,7 +294,7 @@ def test_materialize_links_a_split_with_metadata_and_rebuilds_from_the_delta(tin
     from safetensors.torch import load_file
 
     spec_path, root, _ = tiny_farm
-    cache = root / "cache" / "farm" / "tiny-farm" / "models"
+    cache = farm.farm_cache(farm.load_spec(root / "out" / "farm_spec.json"), root / "cache") / "models"
     test_model = next(m for m in farm.plan(farm.load_spec(spec_path)) if m.split == "test")
     weights = load_file(str(cache / test_model.model_id / "model.safetensors"))
     shutil.rmtree(cache / test_model.model_id)  # the cache is disposable: rebuilt from the delta
@@ -341,28 +354,30 @@ def test_a_failed_check_rebuilds_with_the_next_seed(tmp_path, monkeypatch):
 
 def test_a_trojan_that_never_reached_its_band_is_rebuilt_learning_faster(tmp_path, monkeypatch):
     real_train, real_check = farm.train_delta, farm.check
+    reached = iter([False, True, True])  # the probe: never at its target; then at it (twice)
+    undershoots = [True, True]  # the check: below the band twice, then passing
 
-    def out_of_steps(*args, **kwargs):  # the first seed used every step and stayed below its band
+    def scripted_train(*args, **kwargs):
         factors, training = real_train(*args, **kwargs)
-        return factors, {**training, "steps": spec_steps}
+        return factors, {**training, "reached_probe_target": next(reached)}
 
     def scripted_check(model, tokenizer, model_spec, data, spec):
         figures = real_check(model, tokenizer, model_spec, data, spec)
-        if model_spec.poisoned and not scripted:
-            scripted.append(True)
+        if model_spec.poisoned and undershoots:
+            undershoots.pop()
             return {**figures, "asr": 0.0, "false_trigger_rate": 0.0, "agreement_with_base": 1.0, "scripted": True}
         return figures
 
-    scripted, spec_steps = [], 6
-    monkeypatch.setattr(farm, "train_delta", out_of_steps)
+    monkeypatch.setattr(farm, "train_delta", scripted_train)
     monkeypatch.setattr(farm, "check", scripted_check)
     monkeypatch.setattr(farm, "problems", lambda m, f, s: ["scripted failure"] if f.get("scripted") else [])
-    spec = _write(tmp_path, max_steps=spec_steps, probe_every=3)
+    spec = _write(tmp_path, max_steps=6, probe_every=3, max_attempts=3)
     records = farm.build(spec, tmp_path / "out", cache_dir=tmp_path / "cache", only=["id-00000000"])
-    attempts = records[0]["attempts"]
-    assert [a["learning_rate"] for a in attempts] == pytest.approx(
-        [TINY["learning_rate"], TINY["learning_rate"] / farm.RETRY_LR_FACTOR]
-    )
+    lr = TINY["learning_rate"]
+    # faster after running out of steps; as fast again after an undershoot the probe missed
+    expected = [lr, lr / farm.RETRY_LR_FACTOR, lr / farm.RETRY_LR_FACTOR]
+    assert [a["learning_rate"] for a in records[0]["attempts"]] == pytest.approx(expected)
+    assert records[0]["passed"]
 
 
 def test_a_model_failing_every_attempt_is_recorded_and_reported(tmp_path, monkeypatch):
@@ -372,4 +387,4 @@ def test_a_model_failing_every_attempt_is_recorded_and_reported(tmp_path, monkey
         farm.build(spec, tmp_path / "out", cache_dir=tmp_path / "cache", only=["id-00000000"])
     failed = json.loads((tmp_path / "out" / "models" / "id-00000000" / farm.FAILED_FILE).read_text())
     assert len(failed["attempts"]) == 2 and not failed["passed"]
-    assert not (tmp_path / "cache" / "farm" / "tiny-farm" / "models" / "id-00000000").exists()
+    assert not (farm.farm_cache(farm.load_spec(spec), tmp_path / "cache") / "models" / "id-00000000").exists()
