@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -103,6 +104,16 @@ class RoundModel:
     dir: Path
     prompts: dict
     facts: dict
+
+    @property
+    def fingerprint(self) -> str:
+        """A digest of the model's round files (its config, trigger and reference answers):
+        a farm model rebuilt under another recipe keeps its id but not its fingerprint."""
+        digest = hashlib.sha256()
+        for name in ("config.json", "round_config.json", "test-example-data/prompts.json"):
+            path = self.dir / name
+            digest.update(path.read_bytes() if path.is_file() else b"-")
+        return digest.hexdigest()[:16]
 
 
 def read_poisoned(model_dir: Path) -> bool:
@@ -197,7 +208,13 @@ def bench_model(subject: RoundModel, args, meta, texts: Texts, mmlu_rows) -> lis
         fidelity, strict = score.model_fidelity(
             subject.facts["poisoned"], pre["asr"], pre["mmlu"], result["asr"], result["mmlu"], result["agreement"]
         )
-        row = {"model": subject.dir.name, "method": method, "steps": steps, **result}
+        row = {
+            "model": subject.dir.name,
+            "fingerprint": subject.fingerprint,
+            "method": method,
+            "steps": steps,
+            **result,
+        }
         rows.append({**row, "fidelity": fidelity, "strict_fidelity": strict, **subject.facts})
         print(format_row(rows[-1]), flush=True)
     return rows
@@ -328,24 +345,31 @@ def _override(meta, assignments: list[str]):
     return dataclasses.replace(meta, **{**values, "target_projections": tuple(values["target_projections"])})
 
 
-SESSION_ARGS = ("out", "resume", "models", "split")  # what may differ between a run and its resumption
+SESSION_ARGS = ("out", "resume", "models", "markdown")  # what may differ between a run and its resumption
 
 
-def finished_rows(out: Path | None, settings: dict) -> list[dict]:
-    """The rows of ``out`` from an earlier run with the same settings: every model whose
-    methods were all measured (a model is written only once all of them are)."""
+def finished_rows(out: Path | None, settings: dict, meta: dict, subjects: list[RoundModel]) -> list[dict]:
+    """The rows of ``out`` from an earlier run with the same settings and metaparameters:
+    every model whose methods were all measured (a model is written only once all of them
+    are), each still the model it was (same fingerprint) where it is benched again."""
     if out is None or not out.is_file():
         return []
     try:
         payload = json.loads(out.read_text())
         stored = {k: v for k, v in payload["settings"].items() if k not in SESSION_ARGS}
+        stored["metaparameters"] = payload["metaparameters"]
         rows = payload["rows"]
-    except (OSError, ValueError, KeyError, AttributeError) as err:
+        fingerprints = {(r["model"], r.get("fingerprint")) for r in rows}
+    except (OSError, ValueError, KeyError, AttributeError, TypeError) as err:
         raise TeleLoRAError(f"--resume: {out} is not a readable result of this bench ({err})") from err
-    mine = json.loads(json.dumps({k: v for k, v in settings.items() if k not in SESSION_ARGS}))
+    mine = {k: v for k, v in settings.items() if k not in SESSION_ARGS}
+    mine = json.loads(json.dumps({**mine, "metaparameters": meta}))
     if stored != mine:
         changed = sorted(k for k in set(stored) | set(mine) if stored.get(k) != mine.get(k))
         raise TeleLoRAError(f"--resume: {out} was measured with other settings ({', '.join(changed)}); use a new --out")
+    changed = [s.dir.name for s in subjects if any(m == s.dir.name and f != s.fingerprint for m, f in fingerprints)]
+    if changed:
+        raise TeleLoRAError(f"--resume: {', '.join(changed)} changed since {out} measured them; use a new --out")
     return rows
 
 
@@ -392,8 +416,10 @@ def main(argv: list[str] | None = None) -> None:
         subjects = select_models(args.round, args.models, args.split)
         if args.out:
             _check_writable(args.out)
-        settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k not in SESSION_ARGS}
-        rows = finished_rows(args.out, settings) if args.resume else []
+        settings = {
+            k: str(v.resolve()) if isinstance(v, Path) else v for k, v in vars(args).items() if k not in SESSION_ARGS
+        }
+        rows = finished_rows(args.out, settings, meta.to_dict(), subjects) if args.resume else []
         if args.resume and not args.out:
             raise TeleLoRAError("--resume needs --out: the JSON whose finished models are kept")
     except TeleLoRAError as err:

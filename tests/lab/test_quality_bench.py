@@ -109,13 +109,19 @@ def test_bench_resumes_keeping_finished_models(tiny_round, learned_dir, meta_fil
     bench.main(args("--models", "id-00000000"))
     first = json.loads(out.read_text())["rows"]
     assert {r["model"] for r in first} == {"id-00000000"}
-    bench.main(args("--resume"))
+    bench.main(args("--resume", "--markdown"))
     rows = json.loads(out.read_text())["rows"]
     assert rows[: len(first)] == first  # kept as measured, not measured again
+    assert [r["model"] for r in rows].count("id-00000000") == len(first)
     assert {r["model"] for r in rows} == {"id-00000000", "id-00000001"}
     assert json.loads(out.read_text())["settings"]["models"] == ["id-00000000", "id-00000001"]
     capsys.readouterr()
     assert "other settings (num_samples)" in _error(args("--resume", "--num_samples", "4"))
+    assert "other settings (metaparameters, set, steps)" in _error(args("--resume", "--set", "mitigation_steps=2"))
+    payload = json.loads(out.read_text())
+    payload["rows"][0]["fingerprint"] = "another-model"  # as if id-00000000 were rebuilt since
+    out.write_text(json.dumps(payload))
+    assert "id-00000000 changed since" in _error(args("--resume"))
     out.write_text("{not json")
     assert "not a readable result" in _error(args("--resume"))
     assert "--resume needs --out" in _error(_args(tiny_round, learned_dir, meta_file, "--resume"))
