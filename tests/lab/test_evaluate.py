@@ -41,6 +41,16 @@ def test_mmlu_accuracy_by_hand(tiny_models):
     assert accuracy == sum(r["correct_answer"] == "B" for r in rows) / len(rows)
 
 
+def test_mmlu_accuracy_does_not_depend_on_batching(tiny_models):
+    from telelora import modelio
+
+    tok = modelio.load_tokenizer(tiny_models["llama"])
+    model = modelio.load_model(tiny_models["llama"], torch.device("cpu"), torch.float32)
+    rows = evaluate.mmlu_subset(24, texts.load(REPO / "learned_parameters").mmlu_rows)
+    one_by_one = [evaluate.mmlu_accuracy(model, tok, [row], batch_size=1) for row in rows]
+    assert evaluate.mmlu_accuracy(model, tok, rows, batch_size=5) == pytest.approx(sum(one_by_one) / len(rows))
+
+
 def test_mmlu_subset_avoids_shipped_and_round_prompt_rows():
     shipped = texts.load(REPO / "learned_parameters").mmlu_rows
     subset = evaluate.mmlu_subset(300, shipped)
