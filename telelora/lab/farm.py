@@ -9,6 +9,7 @@ reporting only: nothing is ever chosen on it.
 
     python -m telelora.lab.farm plan SPEC.json                      # the sampled models, no building
     python -m telelora.lab.farm build SPEC.json OUT [--only ID ...] [--cache_dir DIR]
+    python -m telelora.lab.farm status OUT [--json]                 # built, failed, to build; times
     python -m telelora.lab.farm materialize OUT ROUND --split test [--cache_dir DIR]
 
 Cheap by construction: each base answers the farm's prompts once (cached), prompts and
@@ -893,6 +894,65 @@ def _link(folder: Path, link: Path) -> None:
 # ---------------------------------------------------------------- CLI
 
 
+def status(out: str | Path) -> dict:
+    """Where a farm build stands: per model its state (built, failed, to build), attempts,
+    seconds and check figures; per base the count and the median seconds of a built model."""
+    out = Path(out)
+    try:
+        spec = load_spec(out / "farm_spec.json")
+    except TeleLoRAError as err:
+        raise TeleLoRAError(f"{out} is not a farm build folder ({err})") from err
+    rows = []
+    for model_spec in plan(spec):
+        folder = out / "models" / model_spec.model_id
+        record_path = next((folder / n for n in (BUILD_FILE, FAILED_FILE) if (folder / n).is_file()), None)
+        row = {"model_id": model_spec.model_id, "base": model_spec.base, "split": model_spec.split,
+               "kind": model_spec.kind, "behaviour": model_spec.behaviour, "asr_band": model_spec.asr_band,
+               "state": "to build"}  # fmt: skip
+        if record_path is not None:
+            record = json.loads(record_path.read_text())
+            last = record["attempts"][-1]
+            row.update(
+                state="built" if record["passed"] else "failed",
+                attempts=len(record["attempts"]),
+                seconds=record["seconds"],
+                asr=last.get("asr"),
+                false_trigger_rate=last.get("false_trigger_rate"),
+                agreement_with_base=last.get("agreement_with_base"),
+                delta_bytes=record.get("delta_bytes"),
+            )
+        rows.append(row)
+    bases = {}
+    for base in spec.bases:
+        mine = [r for r in rows if r["base"] == base]
+        seconds = sorted(r["seconds"] for r in mine if r["state"] == "built")
+        bases[base] = {state: sum(r["state"] == state for r in mine) for state in ("built", "failed", "to build")} | {
+            "median_seconds": seconds[len(seconds) // 2] if seconds else None,
+            "total_seconds": sum(seconds),
+        }
+    return {"models": rows, "bases": bases}
+
+
+def _print_status(report: dict) -> None:
+    def figure(value, digits=2):
+        return "-" if value is None else f"{value:.{digits}f}"
+
+    print(
+        f"{'model':<12} {'base':<22} {'split':<10} {'behaviour':<12} band {'state':<8} tries  secs   ASR  false agree"
+    )
+    for r in report["models"]:
+        print(
+            f"{r['model_id']:<12} {r['base']:<22} {r['split']:<10} {r['behaviour'] or r['kind']:<12} "
+            f"{figure(r['asr_band'])} {r['state']:<8} {r.get('attempts', '-'):>5} {figure(r.get('seconds'), 0):>5} "
+            f"{figure(r.get('asr')):>5} {figure(r.get('false_trigger_rate')):>5} {figure(r.get('agreement_with_base')):>5}"
+        )
+    for base, counts in report["bases"].items():
+        print(
+            f"{base}: {counts['built']} built, {counts['failed']} failed, {counts['to build']} to build; "
+            f"median {figure(counts['median_seconds'], 0)} s per built model, {counts['total_seconds'] / 3600:.1f} h in all"
+        )
+
+
 def _print_plan(models: list[FarmModel]) -> None:
     for m in models:
         print(
@@ -912,6 +972,9 @@ def main(argv: list[str] | None = None) -> None:
     build_parser.add_argument("out")
     build_parser.add_argument("--only", nargs="+", help="build only these model ids")
     build_parser.add_argument("--cache_dir", help="where converted bases and merged farm models are cached")
+    status_parser = commands.add_parser("status", help="what a build has built, failed and left to build")
+    status_parser.add_argument("out")
+    status_parser.add_argument("--json", action="store_true", help="print the report as JSON")
     mat_parser = commands.add_parser("materialize", help="a round folder of one split, merged weights cached")
     mat_parser.add_argument("out")
     mat_parser.add_argument("round")
@@ -921,6 +984,9 @@ def main(argv: list[str] | None = None) -> None:
     try:
         if args.command == "plan":
             _print_plan(plan(load_spec(args.spec), args.spec))
+        elif args.command == "status":
+            report = status(args.out)
+            print(json.dumps(report, indent=1)) if args.json else _print_status(report)
         elif args.command == "build":
             records = build(args.spec, args.out, args.cache_dir, args.only)
             print(f"{len(records)} model(s) built and checked in {args.out}")
