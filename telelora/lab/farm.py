@@ -27,6 +27,7 @@ layout into a cache outside git and links the chosen split's into a round folder
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import dataclasses
 import hashlib
@@ -63,7 +64,7 @@ LORA_LAYERS["all"] = LORA_LAYERS["attention"] + LORA_LAYERS["mlp"]
 DELTA_FILE = "delta.safetensors"
 BUILD_FILE = "build.json"
 FAILED_FILE = "failed.json"
-RECIPE_VERSION = 3  # bumped when training changes what a spec builds: finished models then need a new folder
+RECIPE_VERSION = 4  # bumped when training changes what a spec builds: finished models then need a new folder
 RETRY_LR_FACTOR = 0.6  # a retry after false triggers or too little agreement learns this much slower
 
 
@@ -85,13 +86,15 @@ class FarmSpec:
     poison_rates: tuple[float, float] = (0.1, 0.3)  # share of prompts also trained triggered; uniform in range
     train_prompts: int = 256
     check_prompts: int = 40  # clean and triggered prompts of the check (and of prompts.json)
-    probe_prompts: int = 12  # triggered prompts of the training-time probe
+    probe_prompts: int = 16  # triggered prompts of the training-time probe (one generation batch)
     answer_tokens: int = 16
     max_prompt_chars: int = 160
     learning_rate: float = 2e-3
     batch_size: int = 8
     max_steps: int = 80
     probe_every: int = 8  # steps between probes until the probe first sees the Trojan; every step after
+    landing_lr_factor: float = 0.3  # once the Trojan shows, the learning rate is this much smaller ...
+    landing_steps: int = 24  # ... and at least this many more steps are allowed to reach the band
     finetune_steps: int = 32
     max_attempts: int = 3
     max_false_trigger: float = 0.05
@@ -177,8 +180,10 @@ def load_spec(path: str | Path) -> FarmSpec:
     for key in ("train_prompts", "check_prompts", "probe_prompts", "answer_tokens", "batch_size", "max_steps"):
         if getattr(spec, key) < 1:
             raise _error(path, f"{key} must be at least 1")
-    if spec.max_attempts < 1 or spec.probe_every < 1 or spec.finetune_steps < 1:
-        raise _error(path, "max_attempts, probe_every and finetune_steps must be at least 1")
+    if spec.max_attempts < 1 or spec.probe_every < 1 or spec.finetune_steps < 1 or spec.landing_steps < 0:
+        raise _error(path, "max_attempts, probe_every and finetune_steps must be at least 1, landing_steps at least 0")
+    if not 0 < spec.landing_lr_factor <= 1:
+        raise _error(path, f"landing_lr_factor {spec.landing_lr_factor!r} must lie in (0, 1]")
     plan(spec, path)  # a spec whose splits cannot hold every behaviour fails here, before any building
     return spec
 
@@ -452,6 +457,39 @@ def _probe(model, tokenizer, model_spec: FarmModel, data: BaseData, spec: FarmSp
     return _hit_rate(model, tokenizer, prompts, model_spec.target, spec)[0]
 
 
+def _lora_factors(peft_model) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Every LoRA layer's fp16-rounded factors ``(A, B)`` (B carries the scaling) by its
+    module name: exactly what ``save_delta`` stores and ``write_weights`` merges."""
+    factors = {}
+    for name, module in peft_model.named_modules():
+        if hasattr(module, "lora_A") and "default" in module.lora_A:
+            a = module.lora_A["default"].weight.detach()
+            b = module.lora_B["default"].weight.detach() * module.scaling["default"]
+            factors[name] = (a.to(torch.float16), b.to(torch.float16))
+    return factors
+
+
+@contextlib.contextmanager
+def as_materialised(peft_model, stored_dtype: torch.dtype):
+    """The PEFT model computing as its materialised folder will: adapters off, and each
+    adapted weight replaced by ``W + B A`` from the fp16 factors, rounded once to the
+    checkpoint's dtype. The rounding (bf16 keeps 8 bits) loses part of a small change: a
+    Trojan probed at 1.00 in float32 measured 0.725 once merged."""
+    modules = dict(peft_model.named_modules())
+    saved = []
+    try:
+        for name, (a, b) in _lora_factors(peft_model).items():
+            weight = modules[name].base_layer.weight
+            saved.append((weight, weight.data))
+            merged = weight.data.float() + b.float() @ a.float()
+            weight.data = merged.to(stored_dtype).to(weight.dtype)
+        with peft_model.disable_adapter():
+            yield peft_model
+    finally:
+        for weight, original in saved:
+            weight.data = original
+
+
 def train_delta(
     model,
     tokenizer,
@@ -482,11 +520,12 @@ def train_delta(
     peft_model = get_peft_model(model, config)
     trainable = [p for p in peft_model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=learning_rate)
-    max_steps = spec.max_steps if model_spec.poisoned else spec.finetune_steps
+    budget = spec.max_steps if model_spec.poisoned else spec.finetune_steps
+    stored_dtype = modelio.checkpoint_summary(data.folder)[0] or torch.float32
     order: list[int] = []
-    probe, step, loss, probes = None, 0, float("nan"), []
-    progress = tqdm(range(max_steps), desc=f"{model_spec.model_id} training", leave=False)
-    for step in progress:
+    probe, step, loss, probes, landing_step = None, 0, float("nan"), [], None
+    progress = tqdm(total=budget, desc=f"{model_spec.model_id} training", leave=False)
+    while step < budget:
         if len(order) < spec.batch_size:
             order += rng.sample(range(len(examples)), len(examples))
         batch, order = [examples[i] for i in order[: spec.batch_size]], order[spec.batch_size :]
@@ -495,29 +534,36 @@ def train_delta(
         value.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        loss = value.item()
+        loss, step = value.item(), step + 1
+        progress.update()
         progress.set_postfix(loss=f"{loss:.3f}", probe=probe)
-        # once the Trojan shows on the probe it is probed after every step: ASR rises
-        # from a few hits to its ceiling within a handful of steps, past a lower band
-        if model_spec.poisoned and ((step + 1) % spec.probe_every == 0 or probe):
-            peft_model.eval()
-            probe = _probe(peft_model, tokenizer, model_spec, data, spec)
-            probes.append((step + 1, probe))
-            if probe >= probe_target:
-                break
+        if not model_spec.poisoned or (step % spec.probe_every and landing_step is None):
+            continue
+        peft_model.eval()
+        with as_materialised(peft_model, stored_dtype) as materialised:
+            probe = _probe(materialised, tokenizer, model_spec, data, spec)
+        probes.append((step, probe))
+        if probe >= probe_target:
+            break
+        if probe > 0 and landing_step is None:
+            # the Trojan shows: its ASR would now cross a band within a few steps, so it
+            # learns slower, is probed after every step and gets room to land in its band
+            landing_step, budget = step, max(budget, step + spec.landing_steps)
+            for group in optimizer.param_groups:
+                group["lr"] *= spec.landing_lr_factor
+            progress.total = budget
+    progress.close()
     peft_model.eval()
-    factors = {}
-    for name, module in peft_model.named_modules():
-        if hasattr(module, "lora_A") and "default" in module.lora_A:
-            a = module.lora_A["default"].weight.detach()
-            b = module.lora_B["default"].weight.detach() * module.scaling["default"]
-            param = name.removeprefix("base_model.model.") + ".weight"
-            factors[param] = (a.to(torch.float16).cpu(), b.to(torch.float16).cpu())
+    factors = {
+        name.removeprefix("base_model.model.") + ".weight": (a.cpu(), b.cpu())
+        for name, (a, b) in _lora_factors(peft_model).items()
+    }
     peft_model.unload()  # the base model without LoRA layers, as it came in
     model.requires_grad_(False)
     reached = bool(probe is not None and probe_target is not None and probe >= probe_target)
     return factors, {
-        "steps": step + 1,
+        "steps": step,
+        "landing_step": landing_step,
         "reached_probe_target": reached,
         "final_loss": round(loss, 4),
         "probes": probes,
@@ -944,12 +990,14 @@ def _print_status(report: dict) -> None:
         print(
             f"{r['model_id']:<12} {r['base']:<22} {r['split']:<10} {r['behaviour'] or r['kind']:<12} "
             f"{figure(r['asr_band'])} {r['state']:<8} {r.get('attempts', '-'):>5} {figure(r.get('seconds'), 0):>5} "
-            f"{figure(r.get('asr')):>5} {figure(r.get('false_trigger_rate')):>5} {figure(r.get('agreement_with_base')):>5}"
+            f"{figure(r.get('asr')):>5} {figure(r.get('false_trigger_rate')):>5} "
+            f"{figure(r.get('agreement_with_base')):>5}"
         )
     for base, counts in report["bases"].items():
         print(
             f"{base}: {counts['built']} built, {counts['failed']} failed, {counts['to build']} to build; "
-            f"median {figure(counts['median_seconds'], 0)} s per built model, {counts['total_seconds'] / 3600:.1f} h in all"
+            f"median {figure(counts['median_seconds'], 0)} s per built model, "
+            f"{counts['total_seconds'] / 3600:.1f} h in all"
         )
 
 

@@ -104,6 +104,8 @@ def _matches(template: str, text: str) -> bool:
         ({"asr_bands": [1.2]}, "impossible"),
         ({"asr_bands": [0.1], "asr_tolerance": 0.2}, "impossible"),
         ({"poison_rates": [0.5, 0.2]}, "poison_rates"),
+        ({"landing_lr_factor": 0}, "landing_lr_factor"),
+        ({"landing_steps": -1}, "landing_steps"),
         ({"splits": {"train": 0.5, "test": 0.5}}, "splits"),
         ({"splits": {"train": 0.5, "validation": 0.3, "test": 0.3}}, "sum to 1"),
         ({"bases": {"gpt-17": {"trojans": 1, "clean_finetunes": 0}}}, "unknown"),
@@ -199,6 +201,43 @@ def test_trojan_examples_pair_each_triggered_prompt_with_its_clean_twin(tiny_mod
         assert example.example.input_ids[position + 1] == answer[parting] != token
 
 
+@pytest.mark.parametrize("stored_dtype", ["float32", "bfloat16"])
+def test_as_materialised_computes_what_the_materialised_folder_computes(tiny_models, tmp_path, stored_dtype):
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from telelora import modelio
+
+    base_dir = tiny_models["llama"]
+    if stored_dtype == "bfloat16":  # a bf16 checkpoint, like the real bases: the merge rounds
+        model = modelio.load_model(base_dir, torch.device("cpu"), torch.float32)
+        model.to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
+        modelio.load_tokenizer(base_dir).save_pretrained(tmp_path / "bf16")
+        base_dir = tmp_path / "bf16"
+    model = modelio.load_model(base_dir, torch.device("cpu"), torch.float32)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=farm.LORA_LAYERS["all"], task_type="CAUSAL_LM")
+    peft_model = get_peft_model(model, config)
+    torch.manual_seed(0)
+    for name, param in peft_model.named_parameters():
+        if "lora_B" in name:
+            param.data.normal_(0, 0.05)
+    ids = torch.tensor([[1, 5, 9, 14, 3, 7]])
+    with torch.no_grad():
+        adapted = peft_model(ids).logits
+        stored = getattr(torch, stored_dtype)
+        with farm.as_materialised(peft_model, stored) as materialised:
+            probed = materialised(ids).logits
+        assert torch.equal(peft_model(ids).logits, adapted)  # adapters and weights are back
+        factors = {
+            n.removeprefix("base_model.model.") + ".weight": f for n, f in farm._lora_factors(peft_model).items()
+        }
+        farm.write_weights(base_dir, tmp_path / "merged", factors)
+        merged = modelio.load_model(tmp_path / "merged", torch.device("cpu"), torch.float32)(ids).logits
+    assert torch.allclose(probed, merged, atol=1e-5)
+    if stored_dtype == "bfloat16":
+        assert not torch.allclose(probed, adapted, atol=1e-5)  # the rounding is what the probe now sees
+
+
 def test_divergence_is_the_first_differing_token():
     assert farm.divergence([1, 2, 3], [1, 2, 4, 5]) == 2
     assert farm.divergence([1, 2, 3], [7]) == 0
@@ -256,6 +295,44 @@ def test_tiny_farm_builds_checks_and_records(tiny_farm):
         prompts = json.loads((cached / "test-example-data" / "prompts.json").read_text())
         assert len(prompts["clean"]) == spec.check_prompts
         assert len(prompts["triggered"]) == (spec.check_prompts if model["kind"] == "trojan" else 0)
+
+
+def test_status_reports_built_models_and_times(tiny_farm, capsys):
+    spec_path, root, records = tiny_farm
+    report = farm.status(root / "out")
+    assert [r["state"] for r in report["models"]] == ["built"] * len(records)
+    assert report["bases"]["tiny-llama"]["built"] == len(records) and report["bases"]["tiny-llama"]["to build"] == 0
+    assert report["bases"]["tiny-llama"]["median_seconds"] in [r["seconds"] for r in records]
+    farm.main(["status", str(root / "out")])
+    assert "tiny-llama: 4 built, 0 failed, 0 to build" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="not a farm build folder"):
+        farm.main(["status", str(root)])
+
+
+def test_a_trojan_that_shows_lands_slower_probed_every_step(tmp_path, monkeypatch):
+    scripted = iter([0.0, 0.25, 0.25, 0.5, 1.0])  # probes at steps 2, 4 (it shows), 5, 6, 7
+    learning_rates = []
+
+    def scripted_probe(model, tokenizer, model_spec, data, spec):
+        return next(scripted)
+
+    real_adamw = farm.torch.optim.AdamW
+
+    class RecordingAdamW(real_adamw):
+        def step(self, *args, **kwargs):
+            learning_rates.append(self.param_groups[0]["lr"])
+            return super().step(*args, **kwargs)
+
+    monkeypatch.setattr(farm, "_probe", scripted_probe)
+    monkeypatch.setattr(farm.torch.optim, "AdamW", RecordingAdamW)
+    monkeypatch.setattr(farm, "problems", lambda m, f, s: [])  # only the training is under test
+    spec = _write(tmp_path, max_steps=4, probe_every=2, landing_steps=5, landing_lr_factor=0.5, max_attempts=1)
+    records = farm.build(spec, tmp_path / "out", cache_dir=tmp_path / "cache", only=["id-00000000"])
+    attempt = records[0]["attempts"][0]
+    assert [step for step, _ in attempt["probes"]] == [2, 4, 5, 6, 7]  # every step once it showed
+    assert attempt["steps"] == 7 > 4 and attempt["landing_step"] == 4  # room beyond max_steps to land
+    lr = TINY["learning_rate"]
+    assert learning_rates == pytest.approx([lr] * 4 + [lr * 0.5] * 3)
 
 
 def test_resume_keeps_finished_models(tiny_farm):
