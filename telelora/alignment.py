@@ -102,21 +102,30 @@ def collate(examples: list[Example], pad: int, device) -> dict[str, torch.Tensor
     return {"input_ids": ids, "attention_mask": mask, "position_ids": position_ids(mask), "labels": labels}
 
 
-def answer_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+def answer_loss(model, batch: dict[str, torch.Tensor], avoid: list[tuple[int, int, int]] = ()) -> torch.Tensor:
     """Mean next-token cross-entropy over the answer tokens of a ``collate`` batch.
 
     Equal to the model's own ``labels=`` loss, but the output head runs only on the
     positions that predict an answer token: with Gemma 3's 262k vocabulary the head costs
-    more than the rest of a 270M model, and prompts are most of each sequence."""
+    more than the rest of a 270M model, and prompts are most of each sequence.
+
+    ``avoid`` holds ``(row, column, token)`` of the padded batch: tokens that must not be
+    predicted at those columns. Their mean unlikelihood ``-log(1 - p)`` is added (the
+    farm's Trojans use it to tie their behaviour to the trigger)."""
     labels = batch["labels"]
     answer_columns = (labels != IGNORE_INDEX).any(dim=0).nonzero()
     if answer_columns.numel() == 0:
         raise ValueError("the batch has no answer tokens to score")
     first = max(int(answer_columns[0]), 1)  # column 0 has no preceding position to predict it
-    keep = labels.shape[1] - first + 1
+    start = min([first - 1, *(column for _, column, _ in avoid)])
     inputs = {k: v for k, v in batch.items() if k != "labels"}
-    logits = model(**inputs, use_cache=False, logits_to_keep=keep).logits[:, :-1]
-    targets = labels[:, first:]
-    return torch.nn.functional.cross_entropy(
-        logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX
+    logits = model(**inputs, use_cache=False, logits_to_keep=labels.shape[1] - start).logits
+    targets = labels[:, start + 1 :]
+    loss = torch.nn.functional.cross_entropy(
+        logits[:, :-1].float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX
     )
+    if avoid:
+        rows, columns, tokens = (torch.tensor(v, device=logits.device) for v in zip(*avoid, strict=True))
+        chance = logits[rows, columns - start].float().softmax(-1).gather(1, tokens[:, None]).squeeze(1)
+        loss = loss - torch.log1p(-chance.clamp(max=1 - 1e-6)).mean()
+    return loss

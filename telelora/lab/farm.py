@@ -412,33 +412,16 @@ def _examples(tokenizer, model_spec: FarmModel, data: BaseData, rng: random.Rand
 
 
 def trojan_loss(model, examples: list[TrainingExample], pad: int, device) -> torch.Tensor:
-    """Next-token cross-entropy over the answers, plus the unlikelihood ``-log(1 - p)`` of
-    each avoided token at its position (weight 1). The output head runs only on the
-    columns from the first one that predicts an answer or avoided token."""
+    """``alignment.answer_loss`` of the batch, with each clean example's avoided token
+    (weight 1)."""
     batch = alignment.collate([e.example for e in examples], pad, device)
-    labels = batch.pop("labels")
-    width = labels.shape[1]
-    avoided = [
+    width = batch["labels"].shape[1]
+    avoid = [
         (row, width - len(e.example.input_ids) + e.avoid[0], e.avoid[1])
         for row, e in enumerate(examples)
         if e.avoid is not None
     ]
-    answer_columns = (labels != alignment.IGNORE_INDEX).any(dim=0).nonzero()
-    if answer_columns.numel() == 0:
-        raise ValueError("the batch has no answer tokens to score")
-    answer_start = int(answer_columns[0])
-    start = max(0, min([answer_start - 1, *[column for _, column, _ in avoided]]))
-    logits = model(**batch, use_cache=False, logits_to_keep=width - start).logits.float()
-    loss = torch.nn.functional.cross_entropy(
-        logits[:, :-1].reshape(-1, logits.shape[-1]),
-        labels[:, start + 1 :].reshape(-1),
-        ignore_index=alignment.IGNORE_INDEX,
-    )
-    if avoided:
-        rows, columns, tokens = (torch.tensor(v, device=logits.device) for v in zip(*avoided, strict=True))
-        chance = logits[rows, columns - start].softmax(-1).gather(1, tokens[:, None]).squeeze(1)
-        loss = loss - torch.log1p(-chance.clamp(max=1 - 1e-6)).mean()
-    return loss
+    return alignment.answer_loss(model, batch, avoid)
 
 
 def _hit_rate(model, tokenizer, prompts: list[str], target: str, spec: FarmSpec, desc: str | None = None):
