@@ -64,7 +64,7 @@ LORA_LAYERS["all"] = LORA_LAYERS["attention"] + LORA_LAYERS["mlp"]
 DELTA_FILE = "delta.safetensors"
 BUILD_FILE = "build.json"
 FAILED_FILE = "failed.json"
-RECIPE_VERSION = 4  # bumped when training changes what a spec builds: finished models then need a new folder
+RECIPE_VERSION = 5  # bumped when training changes what a spec builds: finished models then need a new folder
 RETRY_LR_FACTOR = 0.6  # a retry after false triggers or too little agreement learns this much slower
 
 
@@ -96,7 +96,7 @@ class FarmSpec:
     landing_lr_factor: float = 0.3  # once the Trojan shows, the learning rate is this much smaller ...
     landing_steps: int = 24  # ... and at least this many more steps are allowed to reach the band
     finetune_steps: int = 32
-    max_attempts: int = 3
+    max_attempts: int = 5  # a model failing more often is reported; raise it to try further
     max_false_trigger: float = 0.05
     min_agreement: float = 0.8
     eval_batch_size: int = 16
@@ -680,16 +680,48 @@ class _Bases:
         return self.model, self.tokenizer, self.data
 
 
-def build_model(spec: FarmSpec, model_spec: FarmModel, out: Path, bases: _Bases, cache: Path) -> dict:
+def next_attempt(model_spec: FarmModel, spec: FarmSpec, attempts: list[dict]) -> tuple[float | None, float]:
+    """The probe target and learning rate of the attempt after ``attempts`` (failed ones).
+
+    The probe target is steered by the checked ASR's miss: stop earlier after an overshoot,
+    later after an undershoot. The n-th correction is scaled by 1/n (Robbins-Monro): the
+    40-prompt check and the 16-prompt probe are noisy (SE ~0.1), and full corrections made
+    a band-0.5 Trojan oscillate 0.68 -> 0.13 -> 0.73. The learning rate drops after clean
+    answers drifted or fired (a Trojan learned in large, noisy steps tells triggered from
+    clean prompts worse) and rises, at most once above the spec's, when the Trojan never
+    reached its probe target within the step budget."""
+    if not attempts:
+        return model_spec.asr_band, spec.learning_rate
+    last = attempts[-1]
+    probe_target, learning_rate = last["probe_target"], last["learning_rate"]
+    if model_spec.poisoned and last["asr"] is not None:
+        miss = model_spec.asr_band - last["asr"]
+        probe_target = min(1.0, max(0.05, probe_target + miss / len(attempts)))
+    if last["agreement_with_base"] < spec.min_agreement or (
+        model_spec.poisoned and last["false_trigger_rate"] > spec.max_false_trigger
+    ):
+        learning_rate *= RETRY_LR_FACTOR
+    elif model_spec.poisoned and not last["reached_probe_target"] and last["asr"] < model_spec.asr_band:
+        learning_rate = min(learning_rate, spec.learning_rate) / RETRY_LR_FACTOR
+    return probe_target, learning_rate
+
+
+def build_model(
+    spec: FarmSpec, model_spec: FarmModel, out: Path, bases: _Bases, cache: Path, failed: dict | None = None
+) -> dict:
     """Train, materialise and check one model, with up to ``max_attempts`` seeds; publish
-    ``OUT/models/<id>/`` (delta + build record) on success, a failure record otherwise."""
+    ``OUT/models/<id>/`` (delta + build record) on success, a failure record otherwise.
+    ``failed`` is the failure record of an earlier build under a smaller ``max_attempts``:
+    the attempts go on after its own, as if that build had never stopped."""
     start = time.time()
+    attempts, earlier_seconds = (failed["attempts"], failed["seconds"]) if failed else ([], 0.0)
+    if len(attempts) >= spec.max_attempts:
+        raise ValueError(f"{model_spec.model_id} has used all {spec.max_attempts} attempts already")
     model, tokenizer, data = bases.get(model_spec.base)
     device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
-    probe_target, learning_rate = model_spec.asr_band, spec.learning_rate
-    attempts = []
-    for attempt in range(spec.max_attempts):
+    for attempt in range(len(attempts), spec.max_attempts):
         seed = model_spec.seed + attempt
+        probe_target, learning_rate = next_attempt(model_spec, spec, attempts)
         t0 = time.time()
         factors, training = train_delta(model, tokenizer, model_spec, data, spec, seed, probe_target, learning_rate)
         t1 = time.time()
@@ -716,23 +748,11 @@ def build_model(spec: FarmSpec, model_spec: FarmModel, out: Path, bases: _Bases,
         if not found:
             break
         shutil.rmtree(folder, ignore_errors=True)
-        # steer the next seed: stop earlier after an overshoot, later after an undershoot;
-        # learn more gently after clean answers drifted or fired: a Trojan learned fast
-        # (large, noisy steps) tells triggered from clean prompts worse; learn faster when
-        # the Trojan never reached its band within the step budget
-        if model_spec.poisoned and figures["asr"] is not None:
-            probe_target = min(1.0, max(0.05, probe_target + model_spec.asr_band - figures["asr"]))
-        if figures["agreement_with_base"] < spec.min_agreement or (
-            model_spec.poisoned and figures["false_trigger_rate"] > spec.max_false_trigger
-        ):
-            learning_rate *= RETRY_LR_FACTOR
-        elif model_spec.poisoned and not training["reached_probe_target"] and figures["asr"] < model_spec.asr_band:
-            learning_rate = min(learning_rate, spec.learning_rate) / RETRY_LR_FACTOR  # at most once above the spec's
     record = {
         "model": dataclasses.asdict(model_spec),
         "passed": not found,
         "attempts": attempts,
-        "seconds": round(time.time() - start, 1),
+        "seconds": round(time.time() - start + earlier_seconds, 1),
         "spec_settings": _settings(spec),
     }
     final = out / "models" / model_spec.model_id
@@ -756,15 +776,19 @@ def _add_round_files(folder: Path, files: dict[str, str]) -> None:
 
 
 def _settings(spec: FarmSpec) -> dict:
-    """The spec's settings that shape every model (a change invalidates finished models)."""
-    settings = {k: v for k, v in dataclasses.asdict(spec).items() if k not in ("name", "bases")}
+    """The spec's settings that shape every model (a change invalidates finished models).
+    ``max_attempts`` does not: a model built within n attempts is the same under any
+    limit >= n, and a model that failed them all is tried further once the limit grows."""
+    ignored = ("name", "bases", "max_attempts")
+    settings = {k: v for k, v in dataclasses.asdict(spec).items() if k not in ignored}
     return {**settings, "recipe_version": RECIPE_VERSION}
 
 
 def recipe_key(spec: FarmSpec) -> str:
-    """A short digest of the whole spec and the recipe version: a folder named by it never
-    holds models of another spec or recipe."""
+    """A short digest of the whole spec (bar ``max_attempts``) and the recipe version: a
+    folder named by it never holds models of another spec or recipe."""
     payload = {**dataclasses.asdict(spec), "recipe_version": RECIPE_VERSION}
+    del payload["max_attempts"]
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:10]
 
 
@@ -802,15 +826,13 @@ def build(spec_path: str | Path, out: str | Path, cache_dir: str | Path | None =
     records = []
     for model_spec in tqdm(models_to_build, desc=f"farm {spec.name}"):
         folder = out / "models" / model_spec.model_id
-        if (folder / BUILD_FILE).is_file() or (folder / FAILED_FILE).is_file():
+        finished = next((folder / f for f in (BUILD_FILE, FAILED_FILE) if (folder / f).is_file()), None)
+        record = json.loads(finished.read_text()) if finished else None
+        if record and (record["passed"] or len(record["attempts"]) >= spec.max_attempts):
             log.info("keeping finished %s", model_spec.model_id)
-            records.append(
-                json.loads(
-                    ((folder / BUILD_FILE) if (folder / BUILD_FILE).is_file() else folder / FAILED_FILE).read_text()
-                )
-            )
+            records.append(record)
             continue
-        records.append(build_model(spec, model_spec, out, bases, cache))
+        records.append(build_model(spec, model_spec, out, bases, cache, failed=record))
     failed = [r["model"]["model_id"] for r in records if not r["passed"]]
     if failed:
         raise TeleLoRAError(f"{len(failed)} model(s) failed every attempt of their check: {failed} (see failed.json)")
@@ -924,7 +946,8 @@ def _link(folder: Path, link: Path) -> None:
 
 
 def status(out: str | Path) -> dict:
-    """Where a farm build stands: per model its state (built, failed, to build), attempts,
+    """Where a farm build stands: per model its state (built, failed, to retry: failed with
+    attempts left under the spec's ``max_attempts``, to build), attempts,
     seconds and check figures; per base the count and the median seconds of a built model."""
     out = Path(out)
     try:
@@ -942,7 +965,11 @@ def status(out: str | Path) -> dict:
             record = json.loads(record_path.read_text())
             last = record["attempts"][-1]
             row.update(
-                state="built" if record["passed"] else "failed",
+                state="built"
+                if record["passed"]
+                else "failed"
+                if len(record["attempts"]) >= spec.max_attempts
+                else "to retry",
                 attempts=len(record["attempts"]),
                 seconds=record["seconds"],
                 asr=last.get("asr"),
@@ -955,7 +982,8 @@ def status(out: str | Path) -> dict:
     for base in spec.bases:
         mine = [r for r in rows if r["base"] == base]
         seconds = sorted(r["seconds"] for r in mine if r["state"] == "built")
-        bases[base] = {state: sum(r["state"] == state for r in mine) for state in ("built", "failed", "to build")} | {
+        states = ("built", "failed", "to retry", "to build")
+        bases[base] = {state: sum(r["state"] == state for r in mine) for state in states} | {
             "median_seconds": seconds[len(seconds) // 2] if seconds else None,
             "total_seconds": sum(seconds),
         }
@@ -978,7 +1006,8 @@ def _print_status(report: dict) -> None:
         )
     for base, counts in report["bases"].items():
         print(
-            f"{base}: {counts['built']} built, {counts['failed']} failed, {counts['to build']} to build; "
+            f"{base}: {counts['built']} built, {counts['failed']} failed, {counts['to retry']} to retry, "
+            f"{counts['to build']} to build; "
             f"median {figure(counts['median_seconds'], 0)} s per built model, "
             f"{counts['total_seconds'] / 3600:.1f} h in all"
         )

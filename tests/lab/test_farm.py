@@ -304,7 +304,7 @@ def test_status_reports_built_models_and_times(tiny_farm, capsys):
     assert report["bases"]["tiny-llama"]["built"] == len(records) and report["bases"]["tiny-llama"]["to build"] == 0
     assert report["bases"]["tiny-llama"]["median_seconds"] in [r["seconds"] for r in records]
     farm.main(["status", str(root / "out")])
-    assert "tiny-llama: 4 built, 0 failed, 0 to build" in capsys.readouterr().out
+    assert "tiny-llama: 4 built, 0 failed, 0 to retry, 0 to build" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="not a farm build folder"):
         farm.main(["status", str(root)])
 
@@ -457,11 +457,43 @@ def test_a_trojan_that_never_reached_its_band_is_rebuilt_learning_faster(tmp_pat
     assert records[0]["passed"]
 
 
-def test_a_model_failing_every_attempt_is_recorded_and_reported(tmp_path, monkeypatch):
+def test_a_model_failing_every_attempt_is_recorded_reported_and_goes_on_when_allowed_more(tmp_path, monkeypatch):
     monkeypatch.setattr(farm, "problems", lambda m, f, s: ["never good enough"])
     spec = _write(tmp_path, max_steps=2, probe_every=1, max_attempts=2)
     with pytest.raises(TeleLoRAError, match="failed every attempt"):
         farm.build(spec, tmp_path / "out", cache_dir=tmp_path / "cache", only=["id-00000000"])
-    failed = json.loads((tmp_path / "out" / "models" / "id-00000000" / farm.FAILED_FILE).read_text())
+    failed_file = tmp_path / "out" / "models" / "id-00000000" / farm.FAILED_FILE
+    failed = json.loads(failed_file.read_text())
     assert len(failed["attempts"]) == 2 and not failed["passed"]
     assert not (farm.farm_cache(farm.load_spec(spec), tmp_path / "cache") / "models" / "id-00000000").exists()
+    with pytest.raises(TeleLoRAError, match="failed every attempt"):  # the same limit: kept as it is
+        farm.build(spec, tmp_path / "out", cache_dir=tmp_path / "cache", only=["id-00000000"])
+    assert json.loads(failed_file.read_text()) == failed
+    assert farm.status(tmp_path / "out")["models"][0]["state"] == "failed"
+
+    monkeypatch.setattr(farm, "problems", lambda m, f, s: [])  # a third attempt would pass
+    more = _write(tmp_path, max_steps=2, probe_every=1, max_attempts=3)
+    assert farm.recipe_key(farm.load_spec(more)) == farm.recipe_key(farm.load_spec(spec))
+    records = farm.build(more, tmp_path / "out", cache_dir=tmp_path / "cache", only=["id-00000000"])
+    attempts = records[0]["attempts"]
+    assert records[0]["passed"] and attempts[:2] == failed["attempts"]  # went on after the recorded ones
+    assert attempts[2]["seed"] == attempts[0]["seed"] + 2 and records[0]["seconds"] >= failed["seconds"]
+    assert not failed_file.exists() and (failed_file.parent / farm.BUILD_FILE).is_file()
+
+
+def test_retries_steer_the_probe_target_by_a_shrinking_share_of_the_miss(tmp_path):
+    """Robbins-Monro: the n-th retry moves the probe target by 1/n of the checked miss."""
+    spec = farm.load_spec(_write(tmp_path))
+    model = farm.FarmModel("id-1", "tiny-llama", "trojan", "test", 7, 4, "mlp", asr_band=0.5)
+    attempts = []
+    assert farm.next_attempt(model, spec, attempts) == (0.5, spec.learning_rate)
+    targets = []
+    for asr in (0.675, 0.125, 0.725):
+        target, lr = farm.next_attempt(model, spec, attempts)
+        attempts.append(
+            {"probe_target": target, "learning_rate": lr, "asr": asr, "false_trigger_rate": 0.0,
+             "agreement_with_base": 0.9, "reached_probe_target": True}
+        )  # fmt: skip
+        targets.append(farm.next_attempt(model, spec, attempts)[0])
+    assert targets == pytest.approx([0.5 - 0.175, 0.325 + 0.375 / 2, 0.5125 - 0.225 / 3])
+    assert farm.next_attempt(model, spec, attempts)[1] == spec.learning_rate  # nothing asked for another rate
