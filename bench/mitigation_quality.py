@@ -19,7 +19,8 @@ ASR, false-trigger rate, agreement, greedy 8-token agreement and MMLU come from 
 (what ``entrypoint.py test`` measures), Fidelity and strict Fidelity from
 ``telelora.lab.score``, poisoned or clean from each model's ``ground_truth.csv``. The summary
 gives each method's mean over models with a bootstrap 95 % interval, overall, by base, by
-behaviour (poisoned models) and clean against poisoned; ASR over poisoned models only.
+behaviour (poisoned models) and clean against poisoned; ASR and false-trigger rate over
+poisoned models only, and each method's own seconds.
 
     python bench/mitigation_quality.py --round ~/farm-v1 --split test --steps 1 2 \\
         --out bench/results/mitigation_quality_cpu.json [--models id-00000001 ...] [--markdown]
@@ -71,10 +72,13 @@ METRICS = {
     "strict_fidelity": "strict Fid",
     "fidelity": "Fid",
     "asr": "ASR (poisoned)",
+    "false_trigger_rate": "false trig. (poisoned)",
     "agreement": "agree",
     "greedy_agreement": "greedy8",
     "mmlu": "MMLU",
+    "seconds": "seconds",  # the method's own wall-clock time (NIST's fine-tune baseline is the slow one)
 }
+TRIGGER_METRICS = ("asr", "false_trigger_rate")  # a clean model has no trigger: averaged over poisoned models
 BREAKDOWNS = {"all": "all models", "base": "by base", "behaviour": "by behaviour", "poisoned": "clean / poisoned"}
 RESAMPLES = 10_000
 
@@ -257,7 +261,9 @@ def summarise(rows: list[dict], by: str = "all", resamples: int = RESAMPLES, see
     summary = []
     for (group, method), members in sorted(groups.items(), key=lambda item: item[0][0]):  # stable: methods as run
         stats = {
-            metric: bootstrap_mean([r[metric] for r in members if metric != "asr" or r["poisoned"]], resamples, seed)
+            metric: bootstrap_mean(
+                [r[metric] for r in members if r["poisoned"] or metric not in TRIGGER_METRICS], resamples, seed
+            )
             for metric in METRICS
         }
         summary.append({"group": group, "method": method, "models": len(members), **stats})

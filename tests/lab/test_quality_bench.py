@@ -46,6 +46,8 @@ def test_summarise_per_method_and_breakdown():
     assert list(overall) == ["none", "telelora K=2"]
     assert overall["telelora K=2"]["models"] == 2 and overall["telelora K=2"]["agreement"]["mean"] == pytest.approx(0.4)
     assert overall["telelora K=2"]["asr"]["n"] == 1  # clean models have no ASR
+    assert overall["telelora K=2"]["false_trigger_rate"]["n"] == 1  # ... and no trigger to fire falsely
+    assert overall["telelora K=2"]["seconds"]["n"] == 2
     by_base = bench.summarise(rows, "base", resamples=200)
     assert [(s["group"], s["method"]) for s in by_base] == [
         ("llama", "none"),
