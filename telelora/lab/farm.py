@@ -806,6 +806,21 @@ def _check_plan(spec: FarmSpec, models: list[FarmModel], out: Path) -> None:
     atomic_write_text(stored, text)
 
 
+def finished_record(folder: Path) -> dict | None:
+    """The build record of a model folder (``build.json``, else ``failed.json``), or None
+    when the model was never finished. A damaged record is one clear error, never a guess."""
+    path = next((folder / name for name in (BUILD_FILE, FAILED_FILE) if (folder / name).is_file()), None)
+    if path is None:
+        return None
+    try:
+        record = json.loads(path.read_text())
+        if not isinstance(record["passed"], bool) or not record["attempts"] or "seconds" not in record:
+            raise ValueError("no passed flag, attempts or seconds")
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise TeleLoRAError(f"{path} is damaged ({err}); delete {folder} to build that model again") from err
+    return record
+
+
 def build(spec_path: str | Path, out: str | Path, cache_dir: str | Path | None = None, only=None) -> list[dict]:
     """Build every model of the farm not built yet (or only those named); return the records."""
     spec = load_spec(spec_path)
@@ -825,9 +840,7 @@ def build(spec_path: str | Path, out: str | Path, cache_dir: str | Path | None =
     bases = _Bases(spec, out, Path(cache_dir) if cache_dir else None)
     records = []
     for model_spec in tqdm(models_to_build, desc=f"farm {spec.name}"):
-        folder = out / "models" / model_spec.model_id
-        finished = next((folder / f for f in (BUILD_FILE, FAILED_FILE) if (folder / f).is_file()), None)
-        record = json.loads(finished.read_text()) if finished else None
+        record = finished_record(out / "models" / model_spec.model_id)
         if record and (record["passed"] or len(record["attempts"]) >= spec.max_attempts):
             log.info("keeping finished %s", model_spec.model_id)
             records.append(record)
@@ -863,10 +876,11 @@ def materialize(out: str | Path, round_dir: str | Path, split: str, cache_dir: s
     cache_arg = Path(cache_dir) if cache_dir else None
     rows = []
     for model_spec in plan(spec):
-        record_path = out / "models" / model_spec.model_id / BUILD_FILE
-        if model_spec.split != split or not record_path.is_file():
+        if model_spec.split != split:
             continue
-        record = json.loads(record_path.read_text())
+        record = finished_record(out / "models" / model_spec.model_id)
+        if record is None or not record["passed"]:
+            continue
         folder = cache / "models" / model_spec.model_id
         if not (folder / "test-example-data" / "prompts.json").is_file():
             base_dir = base_folder(model_spec.base, out / ".work", cache_arg)
@@ -956,13 +970,11 @@ def status(out: str | Path) -> dict:
         raise TeleLoRAError(f"{out} is not a farm build folder ({err})") from err
     rows = []
     for model_spec in plan(spec):
-        folder = out / "models" / model_spec.model_id
-        record_path = next((folder / n for n in (BUILD_FILE, FAILED_FILE) if (folder / n).is_file()), None)
+        record = finished_record(out / "models" / model_spec.model_id)
         row = {"model_id": model_spec.model_id, "base": model_spec.base, "split": model_spec.split,
                "kind": model_spec.kind, "behaviour": model_spec.behaviour, "asr_band": model_spec.asr_band,
                "state": "to build"}  # fmt: skip
-        if record_path is not None:
-            record = json.loads(record_path.read_text())
+        if record is not None:
             last = record["attempts"][-1]
             row.update(
                 state="built"

@@ -309,6 +309,20 @@ def test_status_reports_built_models_and_times(tiny_farm, capsys):
         farm.main(["status", str(root)])
 
 
+@pytest.mark.parametrize("text", ["{not json", '{"passed": true, "attempts": []}', "[]"])
+def test_a_damaged_build_record_is_one_line_for_status_and_build(tmp_path, text):
+    out = tmp_path / "out"
+    folder = out / "models" / "id-00000000"
+    folder.mkdir(parents=True)
+    (out / "farm_spec.json").write_text(_write(tmp_path).read_text())
+    (folder / farm.BUILD_FILE).write_text(text)
+    with pytest.raises(SystemExit, match="build.json is damaged .*delete .*id-00000000 to build that model again"):
+        farm.main(["status", str(out)])
+    with pytest.raises(TeleLoRAError, match="damaged"):
+        farm.build(_write(tmp_path), out, cache_dir=tmp_path / "cache", only=["id-00000000"])
+    assert (folder / farm.BUILD_FILE).read_text() == text  # left for the user to look at
+
+
 def test_a_trojan_that_shows_lands_slower_probed_every_step(tmp_path, monkeypatch):
     scripted = iter([0.0, 0.25, 0.25, 0.5, 1.0])  # probes at steps 2, 4 (it shows), 5, 6, 7
     learning_rates = []
