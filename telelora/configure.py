@@ -47,6 +47,7 @@ from telelora.texts import load as load_texts
 
 log = logging.getLogger(__name__)
 DATA_VERSION = 4  # bump when the cached per-model data changes meaning
+MONITOR_FILE = "monitor.json"  # per-model losses on fixed batches, next to losses.json
 
 
 @dataclasses.dataclass
@@ -259,11 +260,10 @@ def train_step(
     """One three-phase pass; *adds* ``dL/dtheta`` of this batch's mean loss to ``.grad``."""
     acts = {name: x.to(device) for name, x in item.reference_activations.items()}
     # phase 1: adapters without autograd, as leaf tensors
-    with torch.no_grad():
-        adapters = {}
-        for layer in llm.layers:
-            u, v = bank(layer.projection_type, acts[layer.name], layer.depth, meta.rank)
-            adapters[layer.name] = Adapter(u.requires_grad_(), v.requires_grad_())
+    adapters = generated_adapters(bank, item, llm, meta, device)
+    for adapter in adapters.values():
+        adapter.u.requires_grad_()
+        adapter.v.requires_grad_()
     # phase 2: LLM forward-backward to the adapters only
     inputs = alignment.collate(batch, item.pad_id, device)
     llm.model.train()  # activates gradient checkpointing; training models have no dropout we rely on
@@ -279,6 +279,37 @@ def train_step(
         u, v = bank(layer.projection_type, acts[layer.name], layer.depth, meta.rank)
         ((u * a.u.grad).sum() + (v * a.v.grad).sum()).backward()
     return float(loss.detach())
+
+
+@torch.no_grad()
+def generated_adapters(bank: GeneratorBank, item: TrainingModel, llm: LoadedModel, meta, device) -> dict[str, Adapter]:
+    """Every adapted layer's adapter from the current generators, without autograd."""
+    adapters = {}
+    for layer in llm.layers:
+        x = item.reference_activations[layer.name].to(device)
+        adapters[layer.name] = Adapter(*bank(layer.projection_type, x, layer.depth, meta.rank))
+    return adapters
+
+
+@torch.no_grad()
+def monitor_losses(
+    bank: GeneratorBank | None, items: list[TrainingModel], pool: ModelPool, meta, device
+) -> dict[str, float]:
+    """Each training model's loss on its fixed monitor batch (its first ``train_batch_size``
+    examples) under the current generators, or with no adapter at all when ``bank`` is None
+    (the identity, which training must beat on every model). A fixed batch, unlike the
+    random training batches, makes two steps' losses comparable."""
+    losses = {}
+    for item in items:
+        try:
+            llm = pool.get(item.model_dir)
+        except TeleLoRAError:
+            continue  # dropped with a warning when training picks it
+        batch = alignment.collate(item.examples[: meta.train_batch_size], item.pad_id, device)
+        adapters = {} if bank is None else generated_adapters(bank, item, llm, meta, device)
+        with applied(llm.layers, adapters, step_size=1.0):
+            losses[item.model_dir.name] = float(alignment.answer_loss(llm.model, batch))
+    return losses
 
 
 def meta_step(
@@ -363,6 +394,7 @@ def configure(
     optimizer = torch.optim.AdamW(bank.parameters(), lr=meta.learning_rate)
     rng = random.Random(meta.seed * 1000 + world.rank)
     records: list[dict] = []
+    monitor: dict = {}  # {"identity": {model: loss}, "evaluations": [{"step": s, "losses": {model: loss}}]}
     start_step = 0
     ckpt_path = checkpoint.path_in(scratch)
     fingerprint = _fingerprint(meta, model_dirs, texts, world)
@@ -372,7 +404,7 @@ def configure(
         optimizer.load_state_dict(state["optimizer"])
         rng.setstate(_as_random_state(state["rng"][world.rank]))
         torch.set_rng_state(state["torch_rng"][world.rank])
-        records, start_step = state["records"], state["step"]
+        records, start_step, monitor = state["records"], state["step"], state.get("monitor") or {}
         # train on the models that were usable when the checkpoint was written, so the
         # random picks replay exactly (a model failing only now is dropped when picked)
         usable = set(state["usable"][world.rank])
@@ -381,6 +413,19 @@ def configure(
         if missing:
             log.warning("resuming without %s (usable when the checkpoint was written, not now)", sorted(missing))
         log.info("resuming from step %d of %d (%s)", start_step, meta.train_iterations, ckpt_path)
+
+    def evaluate(step: int) -> None:
+        """Every model's loss on its monitor batch at ``step`` (and, first, under the identity)."""
+        if not monitor:
+            monitor["identity"] = _gathered(world, monitor_losses(None, items, pool, meta, device))
+            monitor["evaluations"] = []
+        losses = _gathered(world, monitor_losses(bank, items, pool, meta, device))
+        monitor["evaluations"].append({"step": step, "losses": losses})
+        if world.is_main:
+            atomic_write_text(scratch / "configure" / MONITOR_FILE, json.dumps(monitor, indent=1))
+
+    if not monitor:
+        evaluate(start_step)
 
     def save_checkpoint(step: int) -> None:
         rng_states = world.gather(rng.getstate())
@@ -395,6 +440,7 @@ def configure(
                 "rng": rng_states,
                 "torch_rng": torch_states,
                 "records": records,
+                "monitor": monitor,
                 "usable": usable,
             }
             checkpoint.save(ckpt_path, state)
@@ -415,7 +461,10 @@ def configure(
         progress.set_postfix(loss=f"{loss:.4f}", model=",".join(name for name, _ in per_model))
         del work  # else the previous LLM would stay on the accelerator while the next one loads
         if (step + 1) % checkpoint_interval == 0 and step + 1 < meta.train_iterations:
+            evaluate(step + 1)
             save_checkpoint(step + 1)
+    if monitor["evaluations"][-1]["step"] != meta.train_iterations:
+        evaluate(meta.train_iterations)
 
     world.check_identical(bank)
     finite = [r["loss"] for r in records if math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"])]
@@ -427,7 +476,7 @@ def configure(
         "iterations": meta.train_iterations,
         "first_loss": finite[0],
         "final_loss_mean_last_10": sum(finite[-10:]) / len(finite[-10:]),
-        "per_model_loss": _per_model_loss(records),
+        "per_model_loss": _per_model_loss(monitor, records),
         "skipped_updates": len(records) - len(finite),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "device": str(device),
@@ -491,18 +540,24 @@ def _describe(items: list[TrainingModel]) -> list[dict]:
     ]
 
 
-def _per_model_loss(records: list[dict]) -> dict[str, dict]:
-    """First and last tenth of each model's losses: did training help every model?"""
-    by_model: dict[str, list[float]] = {}
+def _gathered(world: World, mine: dict) -> dict:
+    """Every rank's per-model dict merged into one."""
+    return {name: value for part in world.gather(mine) for name, value in part.items()}
+
+
+def _per_model_loss(monitor: dict, records: list[dict]) -> dict[str, dict]:
+    """Per model: its monitor-batch loss under the identity (no adapter), at the start and
+    at the end of training, and how many steps trained on it. Training helped a model when
+    its end is below its identity."""
+    steps: dict[str, int] = {}
     for r in records:
-        for name, loss in r["models"]:
-            if math.isfinite(loss):
-                by_model.setdefault(name, []).append(loss)
-    out = {}
-    for name, losses in sorted(by_model.items()):
-        tenth = max(1, len(losses) // 10)
-        out[name] = {"steps": len(losses), "first": sum(losses[:tenth]) / tenth, "last": sum(losses[-tenth:]) / tenth}
-    return out
+        for name, _ in r["models"]:
+            steps[name] = steps.get(name, 0) + 1
+    first, last = monitor["evaluations"][0]["losses"], monitor["evaluations"][-1]["losses"]
+    return {
+        name: {"identity": identity, "start": first.get(name), "end": last.get(name), "steps": steps.get(name, 0)}
+        for name, identity in sorted(monitor["identity"].items())
+    }
 
 
 def _log_summary(provenance: dict, out_dir) -> None:
@@ -516,4 +571,11 @@ def _log_summary(provenance: dict, out_dir) -> None:
         out_dir,
     )
     for name, stats in provenance["per_model_loss"].items():
-        log.info("  %-28s %5d steps  loss %.4f -> %.4f", name, stats["steps"], stats["first"], stats["last"])
+        start, end = (math.nan if stats[k] is None else stats[k] for k in ("start", "end"))
+        log.info(
+            "  %-28s %5d steps  monitor loss: identity %.4f, start %.4f, end %.4f",
+            name, stats["steps"], stats["identity"], start, end,
+        )  # fmt: skip
+    worse = [n for n, st in provenance["per_model_loss"].items() if st["end"] is None or st["end"] >= st["identity"]]
+    if worse:
+        log.warning("training did not beat the identity (no adapter) on %d model(s): %s", len(worse), worse)

@@ -79,7 +79,15 @@ def test_configure_trains_and_writes_loadable_learned_parameters(tmp_path, tiny_
     assert any(g.net.output_layer.fan_out.weight[1].abs().sum() > 0 for g in bank.generators.values())
     log = json.loads((tmp_path / "scratch" / "configure" / "losses.json").read_text())
     assert [r["step"] for r in log] == [0, 1, 2] and all(len(r["models"]) == 1 for r in log)
-    assert set(info["provenance"]["per_model_loss"]) <= {"id-llama", "id-gemma2"}
+    assert set(info["provenance"]["per_model_loss"]) == {"id-llama", "id-gemma2"}  # monitored even if never picked
+    monitor = json.loads((tmp_path / "scratch" / "configure" / configure.MONITOR_FILE).read_text())
+    assert [e["step"] for e in monitor["evaluations"]] == [0, 3]  # start and end (no checkpoint in 3 steps)
+    # the generators start as the identity (V = 0): the start is exactly the no-adapter loss
+    assert monitor["evaluations"][0]["losses"] == monitor["identity"]
+    end = monitor["evaluations"][-1]["losses"]
+    for name, stats in info["provenance"]["per_model_loss"].items():
+        assert stats["identity"] == monitor["identity"][name] and stats["end"] == end[name]
+    assert sum(s["steps"] for s in info["provenance"]["per_model_loss"].values()) == 3
     assert (out / "texts.json").read_bytes() == (REPO / "learned_parameters" / "texts.json").read_bytes()
     # the drift guard's layer ranges: every projection type, as the calibration measures them
     ranges = info["layer_ranges"]
@@ -160,6 +168,10 @@ def test_resume_after_an_interruption_ends_where_an_uninterrupted_run_ends(tmp_p
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     logs = [json.loads((tmp_path / run / "scratch" / "configure" / "losses.json").read_text()) for run in "ab"]
     assert [(r["step"], r["models"]) for r in logs[0]] == [(r["step"], r["models"]) for r in logs[1]]
+    scratch = [tmp_path / run / "scratch" / "configure" for run in "ab"]
+    monitors = [json.loads((folder / configure.MONITOR_FILE).read_text()) for folder in scratch]
+    assert [e["step"] for e in monitors[0]["evaluations"]] == [0, 2, 4, 6]
+    assert monitors[0] == monitors[1]  # the resumed run's monitor went on from its checkpoint
     info = json.loads((resumed / "generators.json").read_text())["provenance"]
     assert info["resumed_from_step"] == 4
 
