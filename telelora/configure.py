@@ -492,6 +492,7 @@ def configure(
         atomic_write_text(scratch / "configure" / "losses.json", json.dumps(records, indent=1))
         learned.write(bank, provenance, texts_dir, out_dir, ranges)
         _log_summary(provenance, out_dir)
+        _draw_curves(scratch / "configure")
     world.barrier()
     return provenance
 
@@ -538,6 +539,17 @@ def _describe(items: list[TrainingModel]) -> list[dict]:
         }
         for i in items
     ]
+
+
+def _draw_curves(folder: Path) -> None:
+    """``training.png`` beside the losses, where the lab's plotting library is installed
+    (the container has none: its run still writes both JSON files)."""
+    from telelora.lab import curves
+
+    try:
+        log.info("training curves: %s", curves.plot(folder))
+    except ImportError:
+        log.info("no matplotlib (pip install '.[lab]'): %s/%s not drawn", folder, curves.PLOT_FILE)
 
 
 def _gathered(world: World, mine: dict) -> dict:

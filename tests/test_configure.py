@@ -88,6 +88,7 @@ def test_configure_trains_and_writes_loadable_learned_parameters(tmp_path, tiny_
     for name, stats in info["provenance"]["per_model_loss"].items():
         assert stats["identity"] == monitor["identity"][name] and stats["end"] == end[name]
     assert sum(s["steps"] for s in info["provenance"]["per_model_loss"].values()) == 3
+    assert (tmp_path / "scratch" / "configure" / "training.png").is_file()  # the lab extra is installed here
     assert (out / "texts.json").read_bytes() == (REPO / "learned_parameters" / "texts.json").read_bytes()
     # the drift guard's layer ranges: every projection type, as the calibration measures them
     ranges = info["layer_ranges"]
