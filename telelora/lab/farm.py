@@ -64,7 +64,7 @@ LORA_LAYERS["all"] = LORA_LAYERS["attention"] + LORA_LAYERS["mlp"]
 DELTA_FILE = "delta.safetensors"
 BUILD_FILE = "build.json"
 FAILED_FILE = "failed.json"
-RECIPE_VERSION = 5  # bumped when training changes what a spec builds: finished models then need a new folder
+RECIPE_VERSION = 6  # bumped when training changes what a spec builds: finished models then need a new folder
 RETRY_LR_FACTOR = 0.6  # a retry after false triggers or too little agreement learns this much slower
 
 
@@ -688,8 +688,10 @@ def next_attempt(model_spec: FarmModel, spec: FarmSpec, attempts: list[dict]) ->
     40-prompt check and the 16-prompt probe are noisy (SE ~0.1), and full corrections made
     a band-0.5 Trojan oscillate 0.68 -> 0.13 -> 0.73. The learning rate drops after clean
     answers drifted or fired (a Trojan learned in large, noisy steps tells triggered from
-    clean prompts worse) and rises, at most once above the spec's, when the Trojan never
-    reached its probe target within the step budget."""
+    clean prompts worse) and after an overshoot the landing never saw (no hits at one probe,
+    past the band at the next: a band-0.5 Trojan checked 1.0 after 8 steps, and moving
+    the target cannot stop training earlier than the first probe); it rises, at most once
+    above the spec's, when the Trojan never reached its probe target within the step budget."""
     if not attempts:
         return model_spec.asr_band, spec.learning_rate
     last = attempts[-1]
@@ -697,8 +699,13 @@ def next_attempt(model_spec: FarmModel, spec: FarmSpec, attempts: list[dict]) ->
     if model_spec.poisoned and last["asr"] is not None:
         miss = model_spec.asr_band - last["asr"]
         probe_target = min(1.0, max(0.05, probe_target + miss / len(attempts)))
-    if last["agreement_with_base"] < spec.min_agreement or (
-        model_spec.poisoned and last["false_trigger_rate"] > spec.max_false_trigger
+    unseen_overshoot = (
+        model_spec.poisoned and last["landing_step"] is None and last["asr"] > band_limits(spec, model_spec.asr_band)[1]
+    )
+    if (
+        last["agreement_with_base"] < spec.min_agreement
+        or (model_spec.poisoned and last["false_trigger_rate"] > spec.max_false_trigger)
+        or unseen_overshoot
     ):
         learning_rate *= RETRY_LR_FACTOR
     elif model_spec.poisoned and not last["reached_probe_target"] and last["asr"] < model_spec.asr_band:

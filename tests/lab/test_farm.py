@@ -506,8 +506,21 @@ def test_retries_steer_the_probe_target_by_a_shrinking_share_of_the_miss(tmp_pat
         target, lr = farm.next_attempt(model, spec, attempts)
         attempts.append(
             {"probe_target": target, "learning_rate": lr, "asr": asr, "false_trigger_rate": 0.0,
-             "agreement_with_base": 0.9, "reached_probe_target": True}
+             "agreement_with_base": 0.9, "reached_probe_target": True, "landing_step": 12}
         )  # fmt: skip
         targets.append(farm.next_attempt(model, spec, attempts)[0])
     assert targets == pytest.approx([0.5 - 0.175, 0.325 + 0.375 / 2, 0.5125 - 0.225 / 3])
     assert farm.next_attempt(model, spec, attempts)[1] == spec.learning_rate  # nothing asked for another rate
+
+
+@pytest.mark.parametrize("landing_step, slower", [(None, True), (8, False)])
+def test_an_overshoot_the_landing_never_saw_is_retried_learning_slower(tmp_path, landing_step, slower):
+    """No hits at one probe and past the band at the next: only a smaller step lets the
+    landing see the Trojan coming; an overshoot after landing only moves the target."""
+    spec = farm.load_spec(_write(tmp_path, asr_tolerance=0.15))
+    model = farm.FarmModel("id-1", "tiny-llama", "trojan", "test", 7, 4, "mlp", asr_band=0.5)
+    attempt = {"probe_target": 0.5, "learning_rate": spec.learning_rate, "asr": 1.0, "false_trigger_rate": 0.0,
+               "agreement_with_base": 0.9, "reached_probe_target": True, "landing_step": landing_step}  # fmt: skip
+    target, lr = farm.next_attempt(model, spec, [attempt])
+    assert target == pytest.approx(0.05)  # 0.5 + (0.5 - 1.0), at the floor
+    assert lr == pytest.approx(spec.learning_rate * (farm.RETRY_LR_FACTOR if slower else 1.0))
