@@ -65,7 +65,7 @@ DELTA_FILE = "delta.safetensors"
 BUILD_FILE = "build.json"
 FAILED_FILE = "failed.json"
 RECIPE_VERSION = 6  # bumped when training changes what a spec builds: finished models then need a new folder
-RETRY_LR_FACTOR = 0.6  # a retry after false triggers or too little agreement learns this much slower
+RETRY_LR_FACTOR = 0.6  # how much slower (or, once, faster) a retry learns: see ``next_attempt``
 
 
 @dataclasses.dataclass(frozen=True)
@@ -828,6 +828,16 @@ def finished_record(folder: Path) -> dict | None:
     return record
 
 
+def build_state(record: dict | None, spec: FarmSpec) -> str:
+    """A model's state from its record: built, failed (every attempt the spec allows used),
+    to retry (failed with attempts left, after ``max_attempts`` grew) or to build."""
+    if record is None:
+        return "to build"
+    if record["passed"]:
+        return "built"
+    return "failed" if len(record["attempts"]) >= spec.max_attempts else "to retry"
+
+
 def build(spec_path: str | Path, out: str | Path, cache_dir: str | Path | None = None, only=None) -> list[dict]:
     """Build every model of the farm not built yet (or only those named); return the records."""
     spec = load_spec(spec_path)
@@ -848,7 +858,7 @@ def build(spec_path: str | Path, out: str | Path, cache_dir: str | Path | None =
     records = []
     for model_spec in tqdm(models_to_build, desc=f"farm {spec.name}"):
         record = finished_record(out / "models" / model_spec.model_id)
-        if record and (record["passed"] or len(record["attempts"]) >= spec.max_attempts):
+        if build_state(record, spec) in ("built", "failed"):
             log.info("keeping finished %s", model_spec.model_id)
             records.append(record)
             continue
@@ -984,11 +994,7 @@ def status(out: str | Path) -> dict:
         if record is not None:
             last = record["attempts"][-1]
             row.update(
-                state="built"
-                if record["passed"]
-                else "failed"
-                if len(record["attempts"]) >= spec.max_attempts
-                else "to retry",
+                state=build_state(record, spec),
                 attempts=len(record["attempts"]),
                 seconds=record["seconds"],
                 asr=last.get("asr"),
