@@ -145,6 +145,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cache_dir", type=Path)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
+    if args.texts < 1 or any(k < 1 for k in args.ks):
+        raise SystemExit("error: --texts and every --ks value must be at least 1")
     try:
         spec = farm.load_spec(args.farm / "farm_spec.json")
         planned = {m.model_id: m for m in farm.plan(spec)}

@@ -67,6 +67,8 @@ def test_measure_on_a_tiny_model_gives_a_row_per_changed_layer(tiny_models):
     assert all(math.isfinite(s["median"]) for s in table.values())
 
 
-def test_a_missing_farm_is_one_line(tmp_path):
+def test_a_missing_farm_or_bad_sizes_are_one_line(tmp_path):
     with pytest.raises(SystemExit, match="error: "):
         bench.main(["--farm", str(tmp_path), "--models", "id-00000000"])
+    with pytest.raises(SystemExit, match="at least 1"):
+        bench.main(["--farm", str(tmp_path), "--models", "id-00000000", "--ks", "0"])
