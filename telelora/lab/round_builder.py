@@ -209,12 +209,16 @@ def build_model(spec: RoundSpec, index: int, model_spec: ModelSpec, out_dir: Pat
 
     targets = [t["target"] for t in triggers]
     pre_asr = (
-        evaluate.hit_rate(model, tokenizer, triggered_prompts, targets, spec.eval_batch_size, "pre-ASR")
+        evaluate.hit_rate(
+            model, tokenizer, triggered_prompts, targets, spec.eval_batch_size, "pre-ASR", spec.answer_tokens
+        )
         if triggers
         else 0.0
     )
     false_trigger = (
-        evaluate.hit_rate(model, tokenizer, clean_test, targets, spec.eval_batch_size, "false triggers")
+        evaluate.hit_rate(
+            model, tokenizer, clean_test, targets, spec.eval_batch_size, "false triggers", spec.answer_tokens
+        )
         if triggers
         else 0.0
     )

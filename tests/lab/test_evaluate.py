@@ -133,3 +133,38 @@ def test_greedy_prefix_agreement_is_one_unchanged_and_falls_when_the_head_is_per
         model.get_output_embeddings().weight.normal_(0.0, 1.0, generator=torch.Generator().manual_seed(0))
     assert evaluate.greedy_prefix_agreement(model, tok, prompts, references, batch_size=16) < 1.0
     assert math.isnan(evaluate.greedy_prefix_agreement(model, tok, prompts[:1], [[]], batch_size=16))  # no reference
+
+
+def test_hit_rate_leaves_room_for_an_answer_before_an_appended_target(tiny_models, monkeypatch):
+    """An append Trojan writes its normal answer and then the target: ASR must count it
+    when the budget covers the answer, and evaluate() gives room for the longest reference."""
+    from telelora import modelio
+
+    tok = modelio.load_tokenizer(tiny_models["llama"])
+    target = "visit example dot com now"
+    answer_ids = tok("one two three four five six seven eight nine ten eleven twelve", add_special_tokens=False)[
+        "input_ids"
+    ]
+    script = answer_ids + tok(" " + target, add_special_tokens=False)["input_ids"]
+    budgets = []
+
+    def scripted(model, tokenizer, prompts, max_new_tokens, batch_size, desc=None):
+        budgets.append(max_new_tokens)
+        return [script[:max_new_tokens] for _ in prompts]
+
+    monkeypatch.setattr(evaluate, "greedy_answers", scripted)
+    prompts = ["hello there", "what time is it"]
+    assert evaluate.hit_rate(None, tok, prompts, [target], 4, "ASR") == 0.0  # no room for the answer
+    assert evaluate.hit_rate(None, tok, prompts, [target], 4, "ASR", answer_tokens=len(answer_ids)) == 1.0
+
+    budgets.clear()
+    data = {
+        "clean": [{"prompt": p, "reference_answer_ids": answer_ids} for p in prompts],
+        "triggered": [{"prompt": p + " cf", "target": target} for p in prompts],
+    }
+    monkeypatch.setattr(evaluate, "agreement", lambda *a, **k: 1.0)
+    monkeypatch.setattr(evaluate, "greedy_prefix_agreement", lambda *a, **k: 1.0)
+    model = torch.nn.Linear(1, 1)
+    metrics = evaluate.evaluate(model, tok, data, [], num_samples=2, batch_size=4)
+    assert metrics["asr"] == 1.0 and metrics["false_trigger_rate"] == 1.0  # the scripted model always appends
+    assert min(budgets) >= len(answer_ids) + len(tok(target, add_special_tokens=False)["input_ids"])
