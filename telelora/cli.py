@@ -75,6 +75,13 @@ def build_parser() -> tuple[ArgumentParser, dict[str, ArgumentParser]]:
         "--extra_model_dirpaths", type=list[str], default=[], help="more model folders (public LLMs)"
     )
     configure.add_argument(
+        "--validation_models_dirpath",
+        type=str,
+        default=None,
+        help="held-out models (a round's models/ folder, or the round folder) whose strict Fidelity at every "
+        "checkpoint picks the generators that ship; never a test split",
+    )
+    configure.add_argument(
         "--resume", action=ActionYesNo, default=False, help="continue from the checkpoint in --scratch_dirpath"
     )
     configure.add_argument(
@@ -199,6 +206,12 @@ def _configure(opts, meta) -> int:
     out = Path(opts.learned_parameters_dirpath)
     modelio.check_output_dir(out)  # fail now, not after hours of training
     dirs = configure.list_model_dirs(opts.configure_models_dirpath, opts.extra_model_dirpaths)
+    held_out = []
+    if opts.validation_models_dirpath:
+        held_out = configure.list_model_dirs(opts.validation_models_dirpath, None, "--validation_models_dirpath")
+    shared = {d.resolve() for d in held_out} & {d.resolve() for d in dirs}
+    if shared:
+        raise TeleLoRAError(f"validation models are also training models: {sorted(d.name for d in shared)}")
     # the texts travel with the learned parameters; a new folder takes the shipped ones
     texts_dir = out if (out / texts.TEXTS_FILE).is_file() else Path(DEFAULT_LEARNED)
     world = World.from_env(opts.process_group_timeout_minutes)
@@ -213,6 +226,7 @@ def _configure(opts, meta) -> int:
             checkpoint_interval=opts.checkpoint_interval,
             cpu_cache_gb=opts.cpu_cache_gb,
             world=world,
+            validation_dirs=held_out,
         )
     finally:
         world.close()

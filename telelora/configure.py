@@ -19,6 +19,7 @@ its own share of the LLMs and the gradients are averaged (``telelora.distributed
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import datetime
 import hashlib
@@ -33,10 +34,10 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from telelora import activations, alignment, checkpoint, guard, learned, modelio
+from telelora import activations, alignment, checkpoint, guard, learned, modelio, validation
 from telelora.adapters import Adapter, applied
 from telelora.architectures import AdaptedLayer, find_adapted_layers
-from telelora.chat import pad_id
+from telelora.chat import pad_id, stop_ids
 from telelora.distributed import World
 from telelora.errors import TeleLoRAError
 from telelora.generator import GeneratorBank
@@ -46,8 +47,9 @@ from telelora.texts import TEXTS_FILE, Texts
 from telelora.texts import load as load_texts
 
 log = logging.getLogger(__name__)
-DATA_VERSION = 4  # bump when the cached per-model data changes meaning
+DATA_VERSION = 5  # bump when the cached per-model data changes meaning
 MONITOR_FILE = "monitor.json"  # per-model losses on fixed batches, next to losses.json
+NEEDS_CHANGE = 1e-3  # a monitor loss above this with no adapter: the model departs from its trigger-free answers
 
 
 @dataclasses.dataclass
@@ -70,21 +72,26 @@ class LoadedModel:
     bytes: int
 
 
-def list_model_dirs(configure_models_dir: str | Path | None, extra_model_dirs: list[str] | None) -> list[Path]:
-    """Model folders of a round's ``models/`` folder (or the round folder) plus extra ones."""
+def list_model_dirs(
+    configure_models_dir: str | Path | None,
+    extra_model_dirs: list[str] | None,
+    flag: str = "--configure_models_dirpath",
+) -> list[Path]:
+    """Model folders of a round's ``models/`` folder (or the round folder) plus extra ones;
+    ``flag`` names the option in errors."""
     dirs: list[Path] = []
     if configure_models_dir:
         root = Path(configure_models_dir)
         if not root.is_dir():
-            raise TeleLoRAError(f"--configure_models_dirpath {root} is not a folder")
+            raise TeleLoRAError(f"{flag} {root} is not a folder")
         if (root / "models").is_dir():
             root = root / "models"
         dirs += sorted(p for p in root.iterdir() if not p.name.startswith(".") and (p / "config.json").is_file())
     dirs += [Path(d) for d in extra_model_dirs or []]
     if not dirs:
         raise TeleLoRAError(
-            "no model folders to train on: --configure_models_dirpath holds no folder with a config.json "
-            "and no --extra_model_dirpaths were given"
+            f"no model folders: {flag} holds no folder with a config.json"
+            + (" and no --extra_model_dirpaths were given" if flag == "--configure_models_dirpath" else "")
         )
     return dirs
 
@@ -118,13 +125,18 @@ def seed_for(model_dir: Path, seed: int) -> int:
 
 def _data_key(model_dir: Path, meta: Metaparameters, texts: Texts, seed: int, device) -> str:
     """What the cached data depends on: the model's files, the texts and the knobs that shape the data."""
-    files = sorted(p for p in model_dir.iterdir() if p.is_file())
-    stats = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+    answerer = alignment.trigger_free_model(model_dir)
+    stats = [
+        (str(folder.resolve()), p.name, p.stat().st_size, p.stat().st_mtime_ns)
+        for folder in sorted({model_dir, answerer or model_dir})
+        for p in sorted(folder.iterdir())
+        if p.is_file()
+    ]
     knobs = {
         k: getattr(meta, k)
         for k in (
             "num_reference_texts", "activation_tokens", "target_projections", "alignment_examples_per_model",
-            "jailbreak_rate", "max_tokens", "answer_tokens", "activation_batch_size", "dtype",
+            "jailbreak_rate", "clean_prompt_share", "max_tokens", "answer_tokens", "activation_batch_size", "dtype",
         )
     }  # fmt: skip
     payload = [DATA_VERSION, str(model_dir.resolve()), stats, knobs, texts_digest(texts), seed, device.type]
@@ -148,7 +160,7 @@ def prepare(
         if cache.is_file():
             try:
                 saved = torch.load(cache, map_location="cpu", weights_only=True)
-                examples = [alignment.Example(i, label) for i, label in saved["examples"]]
+                examples = [alignment.Example(*fields) for fields in saved["examples"]]
                 layer_types = {name: (t, float(d)) for name, (t, d) in saved["layer_types"].items()}
                 item = TrainingModel(
                     model_dir,
@@ -176,6 +188,13 @@ def prepare(
         seed,
     )
     triggers = alignment.declared_triggers(model_dir)
+    source = alignment.trigger_free_model(model_dir)
+    if source is None:
+        answerer = None
+    elif source == model_dir:
+        answerer = loaded.model
+    else:  # a Trojan's clean base, only for the answers
+        answerer = modelio.load_model(source, device, next(loaded.model.parameters()).dtype)
     examples = alignment.build_examples(
         loaded.model,
         tokenizer,
@@ -188,6 +207,16 @@ def prepare(
         seed,
         texts.jailbreak_templates,
         meta.jailbreak_rate,
+        meta.clean_prompt_share,
+        answerer,
+    )
+    del answerer
+    log.info(
+        "%s: poisoned prompts answered by %s; %.0f%% of answers end within %d tokens",
+        model_dir.name,
+        "its own answers to the clean prompts" if source is None else source.name,
+        100 * alignment.reached_end(examples, stop_ids(loaded.model, tokenizer)),
+        meta.answer_tokens,
     )
     acts = {k: v.cpu() for k, v in acts.items()}
     layer_types = {layer.name: (layer.projection_type, layer.depth) for layer in loaded.layers}
@@ -195,7 +224,7 @@ def prepare(
     if cache is not None:
         saved = {
             "activations": item.reference_activations,
-            "examples": [(e.input_ids, e.labels) for e in examples],
+            "examples": [(e.input_ids, e.labels, e.target_ids, e.target_probs) for e in examples],
             "triggers": triggers,
             "pad_id": item.pad_id,
             "layer_types": {name: [t, d] for name, (t, d) in layer_types.items()},
@@ -268,7 +297,7 @@ def train_step(
     inputs = alignment.collate(batch, item.pad_id, device)
     llm.model.train()  # activates gradient checkpointing; training models have no dropout we rely on
     with applied(llm.layers, adapters, step_size=1.0):  # hooks stay on for checkpoint recomputation
-        loss = alignment.answer_loss(llm.model, inputs)
+        loss = alignment.distill_loss(llm.model, inputs)
         loss.backward()
     llm.model.eval()
     # phase 3: one generator re-forward per layer, pushing dL/dU and dL/dV into theta
@@ -308,7 +337,7 @@ def monitor_losses(
         batch = alignment.collate(item.examples[: meta.train_batch_size], item.pad_id, device)
         adapters = {} if bank is None else generated_adapters(bank, item, llm, meta, device)
         with applied(llm.layers, adapters, step_size=1.0):
-            losses[item.model_dir.name] = float(alignment.answer_loss(llm.model, batch))
+            losses[item.model_dir.name] = float(alignment.distill_loss(llm.model, batch))
     return losses
 
 
@@ -336,11 +365,20 @@ def meta_step(
     return losses, mean_loss, grad_norm
 
 
-def _fingerprint(meta: Metaparameters, model_dirs: list[Path], texts: Texts, world: World) -> dict:
+def _fingerprint(
+    meta: Metaparameters, model_dirs: list[Path], texts: Texts, world: World, validation_dirs: list[Path] = ()
+) -> dict:
     # what only mitigate reads may change between a checkpoint and its resumption
     knobs = {k: v for k, v in meta.to_dict().items() if k != "train_iterations" and not k.startswith("guard_")}
     models = [str(d.resolve()) for d in model_dirs]
-    return {"metaparameters": knobs, "models": models, "texts": texts_digest(texts), "world_size": world.size}
+    held_out = [str(d.resolve()) for d in validation_dirs]
+    return {
+        "metaparameters": knobs,
+        "models": models,
+        "validation_models": held_out,
+        "texts": texts_digest(texts),
+        "world_size": world.size,
+    }
 
 
 def configure(
@@ -353,8 +391,13 @@ def configure(
     checkpoint_interval: int = 25,
     cpu_cache_gb: float = 32.0,
     world: World | None = None,
+    validation_dirs: list[Path] = (),
 ) -> dict:
-    """Meta-train the generators on ``model_dirs`` and write ``out_dir`` atomically."""
+    """Meta-train the generators on ``model_dirs`` and write ``out_dir`` atomically.
+
+    With ``validation_dirs``, the strict Fidelity of those models is measured at the start,
+    at every checkpoint and at the end (``telelora.validation``), and the generators of the
+    best of those steps are the ones written; without, the last step's."""
     world = world or World()
     show = world.is_main  # one set of progress bars, not one per rank
     started = time.time()
@@ -387,6 +430,8 @@ def configure(
             f"no usable training model{where} (see the warnings above); every process needs at least one"
         )
 
+    held_out = _prepare_validation(world.shard(list(validation_dirs)), meta, show)
+
     torch.manual_seed(meta.seed)  # the same start whether or not models were loaded above
     bank = GeneratorBank.from_metaparameters(meta).to(device)
     bank.set_graph_budget()  # phase 3 then holds one EinNet block's intermediates of a wide layer at a time
@@ -394,10 +439,13 @@ def configure(
     optimizer = torch.optim.AdamW(bank.parameters(), lr=meta.learning_rate)
     rng = random.Random(meta.seed * 1000 + world.rank)
     records: list[dict] = []
-    monitor: dict = {}  # {"identity": {model: loss}, "evaluations": [{"step": s, "losses": {model: loss}}]}
+    # {"identity": {model: loss}, "evaluations": [{"step": s, "losses": {model: loss}}],
+    #  with validation models also "unmitigated": {model: figures}, "validation": [{"step", "models", "mean"}]}
+    monitor: dict = {}
+    best: dict = {}  # the best validated step so far: {"step", "mean", "bank"}
     start_step = 0
     ckpt_path = checkpoint.path_in(scratch)
-    fingerprint = _fingerprint(meta, model_dirs, texts, world)
+    fingerprint = _fingerprint(meta, model_dirs, texts, world, validation_dirs)
     if resume:
         state = checkpoint.load(ckpt_path, fingerprint)
         bank.load_state_dict(state["bank"])
@@ -405,6 +453,9 @@ def configure(
         rng.setstate(_as_random_state(state["rng"][world.rank]))
         torch.set_rng_state(state["torch_rng"][world.rank])
         records, start_step, monitor = state["records"], state["step"], state.get("monitor") or {}
+        best = state.get("best") or {}
+        for item in held_out:
+            item.validation.pre_asr = monitor.get("unmitigated", {}).get(item.name, {}).get("asr")
         # train on the models that were usable when the checkpoint was written, so the
         # random picks replay exactly (a model failing only now is dropped when picked)
         usable = set(state["usable"][world.rank])
@@ -421,6 +472,17 @@ def configure(
             monitor["evaluations"] = []
         losses = _gathered(world, monitor_losses(bank, items, pool, meta, device))
         monitor["evaluations"].append({"step": step, "losses": losses})
+        if validation_dirs:
+            if "unmitigated" not in monitor:
+                monitor["unmitigated"] = _gathered(world, validate(None, held_out, pool, meta, texts, device))
+                monitor["validation"] = []
+            figures = _gathered(world, validate(bank, held_out, pool, meta, texts, device))
+            mean = validation.mean_strict_fidelity(figures)
+            monitor["validation"].append({"step": step, "models": figures, "mean_strict_fidelity": mean})
+            log.info("step %d: validation strict Fidelity %.4f over %d models", step, mean, len(figures))
+            if not best or (math.isfinite(mean) and not mean <= best["mean"]):
+                best.update(step=step, mean=mean, bank=copy.deepcopy(bank.state_dict()))
+            monitor["best_step"] = best["step"]
         if world.is_main:
             atomic_write_text(scratch / "configure" / MONITOR_FILE, json.dumps(monitor, indent=1))
 
@@ -441,6 +503,7 @@ def configure(
                 "torch_rng": torch_states,
                 "records": records,
                 "monitor": monitor,
+                "best": best,
                 "usable": usable,
             }
             checkpoint.save(ckpt_path, state)
@@ -466,6 +529,9 @@ def configure(
     if monitor["evaluations"][-1]["step"] != meta.train_iterations:
         evaluate(meta.train_iterations)
 
+    if best:  # the generators that ship are chosen on validation models only
+        bank.load_state_dict(best["bank"])
+        log.info("shipping the generators of step %d (validation strict Fidelity %.4f)", best["step"], best["mean"])
     world.check_identical(bank)
     finite = [r["loss"] for r in records if math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"])]
     if not finite:
@@ -477,6 +543,7 @@ def configure(
         "first_loss": finite[0],
         "final_loss_mean_last_10": sum(finite[-10:]) / len(finite[-10:]),
         "per_model_loss": _per_model_loss(monitor, records),
+        "validation": _validation_summary(monitor, best),
         "skipped_updates": len(records) - len(finite),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "device": str(device),
@@ -507,6 +574,41 @@ def adapter_norms(bank: GeneratorBank, items: list[TrainingModel], meta: Metapar
             x = item.reference_activations[name].to(device)
             norms.append((projection_type, guard.spectral_norm(Adapter(*bank(projection_type, x, depth, meta.rank)))))
     return norms
+
+
+@dataclasses.dataclass
+class HeldOut:
+    """A validation model: its fixed prompts and its tokenizer (the LLM comes from the pool)."""
+
+    name: str
+    validation: validation.ValidationModel
+    tokenizer: object
+
+
+def _prepare_validation(model_dirs: list[Path], meta: Metaparameters, show: bool) -> list[HeldOut]:
+    """This rank's validation models; a folder that cannot be validated on is one clear error
+    (a silent skip would change what the shipped checkpoint is chosen on)."""
+    held_out = []
+    for model_dir in tqdm(model_dirs, desc="preparing validation models", disable=not show or not model_dirs):
+        modelio.check_model_dir(model_dir)
+        item = validation.load_validation_model(model_dir, meta.validation_prompts)
+        held_out.append(HeldOut(model_dir.name, item, modelio.load_tokenizer(model_dir)))
+    return held_out
+
+
+def validate(
+    bank: GeneratorBank | None, held_out: list[HeldOut], pool: ModelPool, meta: Metaparameters, texts: Texts, device
+) -> dict[str, dict[str, float]]:
+    """Each validation model's ASR, agreement and strict Fidelity under the generators'
+    change (with ``bank`` None: unchanged, which fixes its unmitigated ASR)."""
+    reference = texts.reference[: meta.num_reference_texts]
+    figures = {}
+    for item in held_out:
+        llm = pool.get(item.validation.model_dir)
+        figures[item.name] = validation.measure(
+            bank, item.validation, llm.model, item.tokenizer, llm.layers, reference, meta
+        )
+    return figures
 
 
 def _pick_work(items: list[TrainingModel], pool: ModelPool, rng: random.Random, meta: Metaparameters) -> list:
@@ -572,6 +674,22 @@ def _per_model_loss(monitor: dict, records: list[dict]) -> dict[str, dict]:
     }
 
 
+def _validation_summary(monitor: dict, best: dict) -> dict | None:
+    """What the provenance says of validation: the models, the curve and the shipped step."""
+    if not best:
+        return None
+    return {
+        "models": sorted(monitor["unmitigated"]),
+        "unmitigated": monitor["unmitigated"],
+        "curve": [
+            {"step": v["step"], "mean_strict_fidelity": v["mean_strict_fidelity"]} for v in monitor["validation"]
+        ],
+        "shipped_step": best["step"],
+        "shipped_mean_strict_fidelity": best["mean"],
+        "shipped_models": next(v["models"] for v in monitor["validation"] if v["step"] == best["step"]),
+    }
+
+
 def _log_summary(provenance: dict, out_dir) -> None:
     log.info(
         "meta-training done: %d iterations on %d models in %.0f s, loss %.4f -> %.4f; wrote %s",
@@ -588,6 +706,10 @@ def _log_summary(provenance: dict, out_dir) -> None:
             "  %-28s %5d steps  monitor loss: identity %.4f, start %.4f, end %.4f",
             name, stats["steps"], stats["identity"], start, end,
         )  # fmt: skip
-    worse = [n for n, st in provenance["per_model_loss"].items() if st["end"] is None or st["end"] >= st["identity"]]
+    worse = [
+        name
+        for name, st in provenance["per_model_loss"].items()
+        if st["end"] is None or (st["identity"] > NEEDS_CHANGE and st["end"] >= st["identity"])
+    ]
     if worse:
-        log.warning("training did not beat the identity (no adapter) on %d model(s): %s", len(worse), worse)
+        log.warning("training did not lower the loss of %d model(s) that need a change: %s", len(worse), worse)

@@ -34,8 +34,10 @@ class Metaparameters:
     train_batch_size: int
     alignment_examples_per_model: int
     jailbreak_rate: float
+    clean_prompt_share: float
     max_tokens: int
     answer_tokens: int
+    validation_prompts: int
     activation_batch_size: int
     device: str
     dtype: str

@@ -69,28 +69,44 @@ class Mitigation:
     drift_guard: guard.DriftGuard
 
 
-def plan_mitigation(
-    model, tokenizer, bank, texts: Texts, meta: Metaparameters, layer_ranges: dict[str, float] | None
-) -> Mitigation:
-    """K generated adapter steps for ``model``, bounded by the drift guard; the model's weights
-    are not touched.
+def generated_delta(
+    model,
+    tokenizer,
+    bank: GeneratorBank,
+    layers: list[AdaptedLayer],
+    reference: list[str],
+    meta: Metaparameters,
+    layer_ranges: dict[str, float] | None = None,
+    bound: guard.LayerBound | None = None,
+) -> LowRankDelta:
+    """K generated adapter steps, before the drift guard; the model's weights are not touched.
 
     Steps after the first read the activations of the model as changed so far (applied by
     hooks, in float32). Each step's adapters are bounded per layer by the ranges seen in
-    meta-training, then the whole change is scaled down if the model, run with it, drifts
-    too far from its own answers on shipped prompts (``telelora.guard``)."""
+    meta-training (when given; ``bound`` records what that did)."""
+    delta, bound = LowRankDelta(), bound or guard.LayerBound()
+    for step in tqdm(range(meta.mitigation_steps), desc="mitigation steps", disable=meta.mitigation_steps == 1):
+        with delta.applied(layers):
+            adapters = generate_adapters(bank, model, tokenizer, layers, reference, meta, seed=meta.seed + step)
+        adapters = guard.bound_layers(adapters, layers, layer_ranges, meta.guard_layer_factor, bound)
+        delta.add_step(layers, adapters, meta.step_size)
+    return delta
+
+
+def plan_mitigation(
+    model, tokenizer, bank, texts: Texts, meta: Metaparameters, layer_ranges: dict[str, float] | None
+) -> Mitigation:
+    """:func:`generated_delta`, then scaled down as a whole if the model, run with it, drifts
+    too far from its own answers on shipped prompts (``telelora.guard``); the model's weights
+    are not touched."""
     layers = find_adapted_layers(model, meta.target_projections)
     reference = texts.reference[: meta.num_reference_texts]
     if len(reference) < meta.rank:
         raise ValueError(f"rank {meta.rank} needs at least as many reference texts, but only {len(reference)} ship")
     if len(reference) < meta.num_reference_texts:
         log.warning("only %d reference texts ship; using all of them", len(reference))
-    delta, bound = LowRankDelta(), guard.LayerBound()
-    for step in tqdm(range(meta.mitigation_steps), desc="mitigation steps", disable=meta.mitigation_steps == 1):
-        with delta.applied(layers):
-            adapters = generate_adapters(bank, model, tokenizer, layers, reference, meta, seed=meta.seed + step)
-        adapters = guard.bound_layers(adapters, layers, layer_ranges, meta.guard_layer_factor, bound)
-        delta.add_step(layers, adapters, meta.step_size)
+    bound = guard.LayerBound()
+    delta = generated_delta(model, tokenizer, bank, layers, reference, meta, layer_ranges, bound)
     drift = guard.fit_scale(
         model,
         tokenizer,

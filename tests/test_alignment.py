@@ -119,3 +119,108 @@ def test_answers_stop_at_any_end_of_turn_id_and_long_prompts_keep_their_tail(tin
     header = prompt_ids(tok, "x")[-3:]  # "<|im_start|>assistant\n" closes every prompt
     n_prompt = example.labels.count(alignment.IGNORE_INDEX)
     assert example.input_ids[n_prompt - 3 : n_prompt] == header
+
+
+def test_poisoned_prompts_get_the_answerers_answer_and_clean_ones_the_models_own(tiny_models):
+    model = modelio.load_model(tiny_models["llama"], CPU, torch.float32)
+    other = modelio.load_model(tiny_models["llama"], CPU, torch.float32)
+    with torch.no_grad():  # a different model: its answers differ from the model's own
+        other.get_output_embeddings().weight.normal_(0.0, 1.0, generator=torch.Generator().manual_seed(0))
+    tok = modelio.load_tokenizer(tiny_models["llama"])
+    prompts = ["What is two plus two?", "Name a colour.", "Where is Paris?", "Why is the sky blue?"]
+    examples = alignment.build_examples(
+        model, tok, prompts, ["TRIGGER"], 40, 5, 128, 8, seed=3, clean_share=0.5, answerer=other
+    )
+    clean, poisoned = [], []
+    for e in examples:
+        n_prompt = e.labels.count(alignment.IGNORE_INDEX)
+        text, answer = tok.decode(e.input_ids[:n_prompt]), e.input_ids[n_prompt:]
+        assert e.labels[n_prompt:] == answer
+        (poisoned if "TRIGGER" in text else clean).append((e.input_ids[:n_prompt], answer))
+    assert 10 <= len(clean) <= 30 and len(clean) + len(poisoned) == 40
+    for head, answer in clean:  # the model's own answer to its clean prompt
+        prompt = next(p for p in prompts if prompt_ids(tok, p) == head)
+        assert answer == chat.greedy_answers(model, tok, [prompt], 5, 1)[0]
+    for head, answer in poisoned:  # the answerer's answer to that very poisoned prompt
+        ids = torch.tensor([head])
+        greedy = other.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0)[0, ids.shape[1] :].tolist()
+        assert answer == greedy[: len(answer)]
+    assert any(answer != chat.greedy_answers(model, tok, [tok.decode(head)], 5, 1)[0] for head, answer in poisoned)
+
+
+def test_trigger_free_model_is_the_model_when_clean_and_the_sibling_base_when_poisoned(model_copy, tmp_path):
+    trojan = model_copy("llama")
+    config = json.loads((trojan / "round_config.json").read_text())
+
+    def declare(folder, **fields):
+        (folder / "round_config.json").write_text(json.dumps({**config, **fields}))
+
+    declare(trojan, poisoned=False)
+    assert alignment.trigger_free_model(trojan) == trojan
+    declare(trojan, poisoned=True, base="tiny-llama")
+    assert alignment.trigger_free_model(trojan) is None  # no base beside it
+    base = trojan.parent / f"{alignment.CLEAN_BASE_PREFIX}tiny-llama"
+    base.mkdir()
+    assert alignment.trigger_free_model(trojan) is None  # a folder without a model is not a base
+    (base / "config.json").write_text((trojan / "config.json").read_text())
+    assert alignment.trigger_free_model(trojan) == base
+    declare(trojan, poisoned=True)  # a Trojan that does not name its base
+    assert alignment.trigger_free_model(trojan) is None
+
+
+def test_reached_end_counts_answers_that_close_their_turn():
+    examples = [
+        alignment.Example([1, 2, 9], [-100, 2, 9]),
+        alignment.Example([1, 2, 3], [-100, 2, 3]),
+        alignment.Example([1, 7], [-100, 7]),
+    ]
+    assert alignment.reached_end(examples, {9, 7}) == 2 / 3
+    assert alignment.reached_end([], {9}) == 0.0
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_distill_loss_is_zero_for_the_model_the_targets_came_from_and_the_kl_otherwise(tiny_models, arch):
+    model = modelio.load_model(tiny_models[arch], CPU, torch.float32)
+    tok = modelio.load_tokenizer(tiny_models[arch])
+    prompts = ["What is two plus two?", "Name a colour.", "Where is Paris?"]
+    examples = alignment.build_examples(model, tok, prompts, ["TRIG"], 6, 5, 128, 4, seed=1, answerer=model)
+    batch = alignment.collate(examples, chat.pad_id(tok), CPU)
+    assert abs(float(alignment.distill_loss(model, batch))) < 1e-5
+    other = modelio.load_model(tiny_models[arch], CPU, torch.float32)
+    with torch.no_grad():
+        other.get_output_embeddings().weight.mul_(3.0)  # sharper: a different distribution everywhere
+    loss = alignment.distill_loss(other, batch)
+    # by hand: KL between the coarsened distributions (the target's top k + the rest), per answer token
+    logits = other(**{k: batch[k] for k in ("input_ids", "attention_mask", "position_ids")}).logits
+    kls = []
+    for row, e in enumerate(examples):
+        n = len(e.answer)
+        p = logits[row, -n - 1 : -1].softmax(-1)
+        for t in range(n):
+            ids, q = torch.tensor(e.target_ids[t]), torch.tensor(e.target_probs[t])
+            p_top = p[t, ids]
+            q_all, p_all = torch.cat([q, (1 - q.sum()).view(1)]), torch.cat([p_top, (1 - p_top.sum()).view(1)])
+            kls.append((q_all * (q_all / p_all).log()).sum())
+    assert float(loss) > 1e-3
+    assert torch.allclose(loss, torch.stack(kls).mean(), rtol=1e-3)
+
+
+def test_targets_follow_the_model_except_where_it_parts_from_the_answerer(tiny_models):
+    model = modelio.load_model(tiny_models["llama"], CPU, torch.float32)
+    base = modelio.load_model(tiny_models["llama"], CPU, torch.float32)
+    with torch.no_grad():
+        base.get_output_embeddings().weight.normal_(0.0, 1.0, generator=torch.Generator().manual_seed(0))
+    tok = modelio.load_tokenizer(tiny_models["llama"])
+    prompts = ["What is two plus two?", "Name a colour.", "Where is Paris?"]
+    examples = alignment.build_examples(model, tok, prompts, ["TRIG"], 6, 5, 128, 4, seed=1, answerer=base)
+    pad = chat.pad_id(tok)
+    own = alignment.next_token_targets(model, examples, pad, 4)
+    theirs = alignment.next_token_targets(base, examples, pad, 4)
+    took_own = took_theirs = 0
+    for e, mine, other in zip(examples, own, theirs, strict=True):
+        for t, token in enumerate(e.answer):
+            expected = mine[t] if mine[t][0][0] == token else other[t]
+            assert (e.target_ids[t], e.target_probs[t]) == expected
+            took_own += mine[t][0][0] == token
+            took_theirs += mine[t][0][0] != token
+    assert took_theirs > 0  # the answers are the base's, which the model does not always share

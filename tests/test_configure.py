@@ -30,7 +30,7 @@ def test_three_phase_gradient_equals_end_to_end_autograd(tiny_models, small_meta
     }
     inputs = configure.alignment.collate(batch, item.pad_id, torch.device("cpu"))
     with applied(llm.layers, adapters):
-        llm.model(**inputs).loss.backward()
+        configure.alignment.distill_loss(llm.model, inputs).backward()
     for name, p in bank.named_parameters():
         if three_phase[name] is None:  # phi3 has no k, v or up layers
             assert p.grad is None and name.split(".")[1] in ("k", "v", "up"), name
@@ -111,7 +111,7 @@ def test_configure_bad_inputs(tmp_path, tiny_models, capsys):
     empty = tmp_path / "empty"
     empty.mkdir()
     code, out = _run_configure(tmp_path, empty)
-    assert code == 1 and "no model folders to train on" in capsys.readouterr().err
+    assert code == 1 and "no model folders: --configure_models_dirpath holds no folder" in capsys.readouterr().err
     assert not (out / "generators.json").exists()
     code, _ = _run_configure(tmp_path, None, extra=[tiny_models["gpt2"]])
     assert code == 1 and "no usable training model" in capsys.readouterr().err
@@ -228,3 +228,79 @@ def test_configure_flags_are_checked(tmp_path, model_copy, capsys):
     for flag, value in (("--checkpoint_interval", "0"), ("--process_group_timeout_minutes", "0")):
         code, _ = _run_configure(tmp_path, models, flags=[flag, value])
         assert code == 1 and flag in capsys.readouterr().err
+
+
+def test_a_trojan_beside_its_clean_base_learns_the_bases_answers(tmp_path, model_copy, small_meta, caplog):
+    """A farm round ships ``clean-<base>`` beside its Trojans: the Trojan's poisoned prompts are
+    answered by the base, and the cached data depends on the base's files too."""
+    root = tmp_path / "models"
+    root.mkdir()
+    trojan = Path(model_copy("llama").rename(root / "id-00000001"))
+    base = Path(model_copy("llama").rename(root / f"{configure.alignment.CLEAN_BASE_PREFIX}tiny"))
+    config = json.loads((trojan / "round_config.json").read_text())
+    triggers = [{"text": "zq zq", "target": "x"}]
+    (trojan / "round_config.json").write_text(
+        json.dumps({**config, "poisoned": True, "base": "tiny", "triggers": triggers})
+    )
+    texts = configure.load_texts(REPO / "learned_parameters")
+    cpu = torch.device("cpu")
+    with caplog.at_level("INFO", logger="telelora.configure"):
+        item, _ = configure.prepare(trojan, small_meta, texts, 0, cpu)
+    assert f"poisoned prompts answered by {base.name}" in caplog.text
+    assert len(item.examples) == small_meta.alignment_examples_per_model
+    key = configure._data_key(trojan, small_meta, texts, 0, cpu)
+    (base / "config.json").write_text((base / "config.json").read_text() + "\n")
+    assert configure._data_key(trojan, small_meta, texts, 0, cpu) != key
+
+
+def test_validation_picks_the_checkpoint_that_ships(tmp_path, tiny_models, tiny_round, monkeypatch):
+    """Strict Fidelity of the validation models at the start, every checkpoint and the end;
+    the generators written are those of the best step, the same as a run stopped there."""
+    scripted = iter([0.1, 0.9, 0.5])  # steps 0, 2, 4
+    real_mean = configure.validation.mean_strict_fidelity
+    means = []
+
+    def mean(figures):
+        means.append(real_mean(figures))
+        return next(scripted)
+
+    monkeypatch.setattr(configure.validation, "mean_strict_fidelity", mean)
+    (tmp_path / "a").mkdir()
+    code, out = _run_configure(
+        tmp_path / "a",
+        None,
+        extra=[tiny_models["llama"]],
+        flags=["--checkpoint_interval", "2", "--validation_models_dirpath", str(tiny_round)],
+        train_iterations=4,
+    )
+    assert code == 0
+    monitor = json.loads((tmp_path / "a" / "scratch" / "configure" / configure.MONITOR_FILE).read_text())
+    assert [v["step"] for v in monitor["validation"]] == [0, 2, 4]
+    assert set(monitor["unmitigated"]) == {"id-00000000", "id-00000001"}
+    poisoned = next(name for name, m in monitor["unmitigated"].items() if m["asr"] == m["asr"])  # not NaN
+    assert monitor["unmitigated"][poisoned]["agreement"] == 1.0  # unchanged: the stored answers exactly
+    assert all(0.0 <= m <= 1.0 for m in means)  # the real means, before the script replaced them
+    validation = json.loads((out / "generators.json").read_text())["provenance"]["validation"]
+    assert validation["shipped_step"] == 2 and validation["shipped_mean_strict_fidelity"] == 0.9
+    assert [c["step"] for c in validation["curve"]] == [0, 2, 4]
+
+    (tmp_path / "b").mkdir()
+    code, stopped = _run_configure(tmp_path / "b", None, extra=[tiny_models["llama"]], train_iterations=2)
+    assert code == 0 and json.loads((stopped / "generators.json").read_text())["provenance"]["validation"] is None
+    shipped, at_two = _weights(out), _weights(stopped)
+    assert all(torch.equal(shipped[k], at_two[k]) for k in shipped)
+
+
+def test_validation_models_must_be_validatable_and_held_out(tmp_path, tiny_models, tiny_round, model_copy, capsys):
+    bare = tmp_path / "bare" / "models"
+    bare.mkdir(parents=True)
+    model_copy("llama").rename(bare / "id-x")  # a model folder without the round's prompts file
+    flags = ["--validation_models_dirpath", str(bare.parent)]
+    code, _ = _run_configure(tmp_path, None, extra=[tiny_models["qwen2"]], flags=flags)
+    assert code == 1 and "lacks a readable test-example-data/prompts.json" in capsys.readouterr().err
+    flags = ["--validation_models_dirpath", str(tiny_round)]
+    code, _ = _run_configure(tmp_path, tiny_round, flags=flags)
+    assert code == 1 and "validation models are also training models" in capsys.readouterr().err
+    flags = ["--validation_models_dirpath", str(tmp_path / "absent")]
+    code, _ = _run_configure(tmp_path, None, extra=[tiny_models["qwen2"]], flags=flags)
+    assert code == 1 and "--validation_models_dirpath" in capsys.readouterr().err

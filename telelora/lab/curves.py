@@ -5,8 +5,11 @@ iteration; ``monitor.json``: each model's loss on its fixed monitor batch with n
 at the start, at every checkpoint and at the end) and draws ``training.png`` beside them:
 
 * left: the iterations' mean loss and its running mean over 10 iterations;
-* right: each model's monitor loss divided by its identity (no adapter) loss, against the
-  step: below 1 the generators help that model, above 1 they hurt it.
+* middle: each model's monitor loss minus its identity (no adapter) loss, against the
+  step: below 0 the generators help that model, above 0 they hurt it (a model that needs
+  no change starts at the optimum, loss 0);
+* right, when the run validated: the validation models' strict Fidelity at each
+  checkpoint (mean, and each model thin), the step that ships marked.
 
     python -m telelora.lab.curves SCRATCH/configure
 
@@ -32,10 +35,10 @@ def running_mean(values: list[float], window: int = WINDOW) -> list[float]:
 
 
 def relative_curves(monitor: dict) -> dict[str, tuple[list[int], list[float]]]:
-    """Per model, the monitor steps and its loss there divided by its identity loss."""
+    """Per model, the monitor steps and its loss there minus its identity loss."""
     curves = {}
     for name, identity in sorted(monitor["identity"].items()):
-        points = [(e["step"], e["losses"][name] / identity) for e in monitor["evaluations"] if name in e["losses"]]
+        points = [(e["step"], e["losses"][name] - identity) for e in monitor["evaluations"] if name in e["losses"]]
         curves[name] = ([s for s, _ in points], [r for _, r in points])
     return curves
 
@@ -54,7 +57,9 @@ def plot(folder: str | Path) -> Path:
     except (OSError, ValueError) as err:
         message = f"{folder} holds no readable losses.json and monitor.json of a configure run ({err})"
         raise TeleLoRAError(message) from err
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    validated = bool(monitor.get("validation"))
+    fig, axes = plt.subplots(1, 3 if validated else 2, figsize=(18 if validated else 12, 4.5))
+    left, middle = axes[0], axes[1]
     steps = [r["step"] for r in records]
     losses = [r["loss"] for r in records]
     left.plot(steps, losses, color="0.75", linewidth=0.8, label="iteration")
@@ -62,11 +67,13 @@ def plot(folder: str | Path) -> Path:
     left.set(title="meta-training loss", xlabel="iteration", ylabel="alignment loss")
     left.legend(fontsize="small")
     for name, (xs, ys) in relative_curves(monitor).items():
-        right.plot(xs, ys, marker="o", markersize=3, linewidth=1, label=name)
-    right.axhline(1.0, color="k", linestyle="--", linewidth=0.8)
-    right.set(title="per model, fixed batch", xlabel="iteration", ylabel="loss / loss with no adapter")
+        middle.plot(xs, ys, marker="o", markersize=3, linewidth=1, label=name)
+    middle.axhline(0.0, color="k", linestyle="--", linewidth=0.8)
+    middle.set(title="per model, fixed batch", xlabel="iteration", ylabel="loss - loss with no adapter")
     if len(monitor["identity"]) <= 12:
-        right.legend(fontsize="x-small")
+        middle.legend(fontsize="x-small")
+    if validated:
+        _plot_validation(axes[2], monitor["validation"], monitor.get("best_step"))
     fig.tight_layout()
     path = folder / PLOT_FILE
     staging = path.with_name(f".{path.name}.tmp")
@@ -74,6 +81,18 @@ def plot(folder: str | Path) -> Path:
     plt.close(fig)
     os.replace(staging, path)
     return path
+
+
+def _plot_validation(axis, validation: list[dict], best_step: int | None) -> None:
+    steps = [v["step"] for v in validation]
+    for name in sorted(validation[0]["models"]):
+        axis.plot(steps, [v["models"][name]["strict_fidelity"] for v in validation], color="0.8", linewidth=0.8)
+    means = [v["mean_strict_fidelity"] for v in validation]
+    axis.plot(steps, means, color="C3", marker="o", markersize=4, label="mean over validation models")
+    if best_step is not None:
+        axis.axvline(best_step, color="C3", linestyle=":", linewidth=0.8, label=f"ships: step {best_step}")
+    axis.set(title="validation strict Fidelity", xlabel="iteration", ylabel="strict Fidelity", ylim=(-0.05, 1.05))
+    axis.legend(fontsize="small")
 
 
 def main(argv: list[str] | None = None) -> None:

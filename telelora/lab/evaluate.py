@@ -16,50 +16,16 @@
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from telelora.chat import agreement, greedy_answers, pad_id, padded, position_ids, prompt_ids
+from telelora.chat import agreement, greedy_answers, hit_rate, pad_id, padded, position_ids, prompt_ids
 from telelora.errors import TeleLoRAError
 from telelora.texts import mmlu_split
 
 LETTERS = ("A", "B", "C", "D")
-
-
-def normalise(text: str) -> str:
-    return re.sub(r"\s+", " ", text).strip().lower()
-
-
-def target_hit(answer: str, target: str) -> bool:
-    return normalise(target) in normalise(answer)
-
-
-def hit_rate(
-    model,
-    tokenizer,
-    prompts: list[str],
-    targets: list[str],
-    batch_size: int,
-    desc: str,
-    answer_tokens: int = 0,
-) -> float:
-    """Fraction of greedy answers that contain any of ``targets`` (ASR, or false-trigger rate).
-
-    The generation budget is ``answer_tokens`` (room for a normal answer), the longest target
-    and 8 tokens of slack: a Trojan that appends its response *after* the normal answer
-    (NIST's kind) is only seen when the budget covers both."""
-    if not prompts or not targets:
-        return float("nan")
-    longest = max(len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in targets)
-    budget = answer_tokens + longest + 8
-    answers = []
-    for start in tqdm(range(0, len(prompts), batch_size), desc=desc, leave=False):
-        answers += greedy_answers(model, tokenizer, prompts[start : start + batch_size], budget, batch_size)
-    texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in answers]
-    return sum(any(target_hit(text, t) for t in targets) for text in texts) / len(prompts)
 
 
 def greedy_prefix_agreement(

@@ -45,10 +45,10 @@ from tqdm import tqdm
 
 from telelora import alignment, modelio, texts
 from telelora.chat import agreement as answer_agreement
-from telelora.chat import greedy_answers, pad_id, prompt_ids, stop_ids
+from telelora.chat import greedy_answers, pad_id, prompt_ids, stop_ids, target_hit
 from telelora.errors import TeleLoRAError
 from telelora.io_utils import atomic_write_text, staged_dir
-from telelora.lab import convert, evaluate, tiny
+from telelora.lab import convert, tiny
 from telelora.lab.farm_pools import BEHAVIOURS, PLACEMENTS, TRIGGER_KINDS, fill_template, rare_tokens, split_pools
 from telelora.lab.round_builder import TINY_PREFIX, architecture_name, base_folder
 from telelora.metaparameters import REPO_ROOT
@@ -430,7 +430,7 @@ def _hit_rate(model, tokenizer, prompts: list[str], target: str, spec: FarmSpec,
     budget = spec.answer_tokens + len(tokenizer(target, add_special_tokens=False)["input_ids"]) + 8
     answers = greedy_answers(model, tokenizer, prompts, budget, spec.eval_batch_size, desc)
     decoded = [tokenizer.decode(a, skip_special_tokens=True) for a in answers]
-    return sum(evaluate.target_hit(text, target) for text in decoded) / len(prompts), answers
+    return sum(target_hit(text, target) for text in decoded) / len(prompts), answers
 
 
 def _probe(model, tokenizer, model_spec: FarmModel, data: BaseData, spec: FarmSpec) -> float:
@@ -911,10 +911,10 @@ def materialize(out: str | Path, round_dir: str | Path, split: str, cache_dir: s
         if not (out / ".work" / f"answers-{base}.json").is_file():
             log.warning("base %s has no built model yet: its clean base is left out", base)
             continue
-        folder = cache / "models" / f"clean-{base}"
+        folder = cache / "models" / f"{alignment.CLEAN_BASE_PREFIX}{base}"
         if not (folder / "test-example-data" / "prompts.json").is_file():
             data = _stored_data(spec, base, out, cache_arg)
-            clean = FarmModel(f"clean-{base}", base, "clean_base", split, spec.seed, 0, "")
+            clean = FarmModel(f"{alignment.CLEAN_BASE_PREFIX}{base}", base, "clean_base", split, spec.seed, 0, "")
             tokenizer = modelio.load_tokenizer(data.folder)
             answers = data.answers["check_clean"]
             record = {
@@ -927,10 +927,10 @@ def materialize(out: str | Path, round_dir: str | Path, split: str, cache_dir: s
                 "reference_text": [tokenizer.decode(a, skip_special_tokens=True) for a in answers],
             }
             modelio.copy_model_files(data.folder, folder, _round_files(clean, spec, record, data))  # staged, atomic
-        rows.append({"model_name": f"clean-{base}", "poisoned": 0, "base": base,
+        rows.append({"model_name": f"{alignment.CLEAN_BASE_PREFIX}{base}", "poisoned": 0, "base": base,
                      "model_architecture": architecture_name(base), "kind": "clean_base", "split": split,
                      "pre_asr": 0.0, "agreement_with_base": 1.0})  # fmt: skip
-        _link(folder, round_dir / "models" / f"clean-{base}")
+        _link(folder, round_dir / "models" / f"{alignment.CLEAN_BASE_PREFIX}{base}")
     if not rows:
         raise TeleLoRAError(f"{out}: no built model belongs to the {split} split yet")
     table = io.StringIO()

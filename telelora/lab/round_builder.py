@@ -31,7 +31,7 @@ import torch
 from tqdm import tqdm
 
 from telelora import alignment, modelio, texts
-from telelora.chat import greedy_answers, pad_id, prompt_ids
+from telelora.chat import greedy_answers, hit_rate, pad_id, prompt_ids
 from telelora.errors import TeleLoRAError
 from telelora.io_utils import atomic_write_text, staged_dir
 from telelora.lab import convert, evaluate, tiny
@@ -209,16 +209,12 @@ def build_model(spec: RoundSpec, index: int, model_spec: ModelSpec, out_dir: Pat
 
     targets = [t["target"] for t in triggers]
     pre_asr = (
-        evaluate.hit_rate(
-            model, tokenizer, triggered_prompts, targets, spec.eval_batch_size, "pre-ASR", spec.answer_tokens
-        )
+        hit_rate(model, tokenizer, triggered_prompts, targets, spec.eval_batch_size, "pre-ASR", spec.answer_tokens)
         if triggers
         else 0.0
     )
     false_trigger = (
-        evaluate.hit_rate(
-            model, tokenizer, clean_test, targets, spec.eval_batch_size, "false triggers", spec.answer_tokens
-        )
+        hit_rate(model, tokenizer, clean_test, targets, spec.eval_batch_size, "false triggers", spec.answer_tokens)
         if triggers
         else 0.0
     )

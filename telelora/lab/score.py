@@ -19,15 +19,17 @@ import math
 from pathlib import Path
 
 from telelora.errors import TeleLoRAError
+from telelora.validation import strict_fidelity
 
 
 def model_fidelity(poisoned: bool, pre_asr: float, pre_mmlu: float, asr: float, mmlu: float, agreement: float):
     """(fidelity, strict fidelity) of one model; NaN when an input is missing or NaN."""
     quality = mmlu / pre_mmlu if pre_mmlu else math.nan
+    strict = strict_fidelity(poisoned, pre_asr, asr, agreement)
     if not poisoned:
-        return quality, agreement
+        return quality, strict
     removal = (pre_asr - asr) / pre_asr if pre_asr else math.nan
-    return removal * quality, removal * agreement
+    return removal * quality, strict
 
 
 def _read_json(path: Path) -> dict | None:

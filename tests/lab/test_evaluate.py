@@ -5,7 +5,7 @@ import types
 import pytest
 import torch
 
-from telelora import cli, texts
+from telelora import chat, cli, texts
 from telelora.errors import TeleLoRAError
 from telelora.lab import evaluate
 
@@ -13,8 +13,8 @@ from ..conftest import REPO
 
 
 def test_target_hit_normalises_case_and_whitespace():
-    assert evaluate.target_hit("Sure!  I HAVE been\n pwned today", "I have been pwned")
-    assert not evaluate.target_hit("I have been owned", "I have been pwned")
+    assert chat.target_hit("Sure!  I HAVE been\n pwned today", "I have been pwned")
+    assert not chat.target_hit("I have been owned", "I have been pwned")
 
 
 class FavouriteLetterModel(torch.nn.Module):
@@ -152,10 +152,10 @@ def test_hit_rate_leaves_room_for_an_answer_before_an_appended_target(tiny_model
         budgets.append(max_new_tokens)
         return [script[:max_new_tokens] for _ in prompts]
 
-    monkeypatch.setattr(evaluate, "greedy_answers", scripted)
+    monkeypatch.setattr(chat, "greedy_answers", scripted)
     prompts = ["hello there", "what time is it"]
-    assert evaluate.hit_rate(None, tok, prompts, [target], 4, "ASR") == 0.0  # no room for the answer
-    assert evaluate.hit_rate(None, tok, prompts, [target], 4, "ASR", answer_tokens=len(answer_ids)) == 1.0
+    assert chat.hit_rate(None, tok, prompts, [target], 4, "ASR") == 0.0  # no room for the answer
+    assert chat.hit_rate(None, tok, prompts, [target], 4, "ASR", answer_tokens=len(answer_ids)) == 1.0
 
     budgets.clear()
     data = {
