@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from telelora.chat import greedy_answers, pad_id, padded, position_ids, prompt_ids
+from telelora.chat import greedy_answers, pad_id, padded, position_ids, prompt_ids, target_hit
 from telelora.modelio import round_config
 from telelora.texts import PROMPT_SLOT
 
@@ -44,10 +44,38 @@ class Example:
         return [t for t in self.labels if t != IGNORE_INDEX]
 
 
-def declared_triggers(model_dir: str | Path) -> list[str]:
-    """Trigger texts a training model's ``round_config.json`` declares (empty when clean/unknown)."""
-    triggers = round_config(Path(model_dir)).get("triggers") or []
-    return [t["text"] for t in triggers if isinstance(t, dict) and t.get("text")]
+@dataclasses.dataclass(frozen=True)
+class Trigger:
+    """A training model's trigger: its text, the response it sets off (when declared) and
+    where in the user prompt it goes (``start``, ``end``, or anywhere else: a random word
+    position)."""
+
+    text: str
+    target: str | None = None
+    placement: str = "middle"
+
+
+def declared_triggers(model_dir: str | Path) -> list[Trigger]:
+    """The triggers a training model's ``round_config.json`` declares (empty when clean or
+    unknown); the placement comes from the trigger entry or the farm's record of the model."""
+    config = round_config(Path(model_dir))
+    farm = config.get("farm") if isinstance(config.get("farm"), dict) else {}
+    found = []
+    for t in config.get("triggers") or []:
+        if isinstance(t, dict) and isinstance(t.get("text"), str) and t["text"]:
+            target = t.get("target") if isinstance(t.get("target"), str) and t.get("target") else None
+            placement = t.get("placement") or farm.get("placement") or "middle"
+            found.append(Trigger(t["text"], target, placement if isinstance(placement, str) else "middle"))
+    return found
+
+
+def place_trigger(prompt: str, trigger: str, placement: str, rng: random.Random) -> str:
+    """``prompt`` with ``trigger`` at its start, its end, or (any other placement) a random word position."""
+    if placement == "start":
+        return f"{trigger} {prompt}"
+    if placement == "end":
+        return f"{prompt} {trigger}"
+    return insert_at_random_word(prompt, trigger, rng)
 
 
 def trigger_free_model(model_dir: str | Path) -> Path | None:
@@ -66,10 +94,10 @@ def trigger_free_model(model_dir: str | Path) -> Path | None:
     return None
 
 
-def pseudo_triggers(corpus: list[str], count: int, rng: random.Random) -> list[str]:
+def pseudo_triggers(corpus: list[str], count: int, rng: random.Random) -> list[Trigger]:
     """Short word runs from the corpus, standing in for an unknown trigger."""
     words = sorted({w for text in corpus for w in text.split() if w.isalpha() and len(w) > 3})
-    return [" ".join(rng.sample(words, rng.randint(1, 4))) for _ in range(count)]
+    return [Trigger(" ".join(rng.sample(words, rng.randint(1, 4)))) for _ in range(count)]
 
 
 def insert_at_random_word(prompt: str, trigger: str, rng: random.Random) -> str:
@@ -90,7 +118,7 @@ def build_examples(
     model,
     tokenizer,
     prompts: list[str],
-    triggers: list[str],
+    triggers: list[Trigger],
     count: int,
     answer_tokens: int,
     max_tokens: int,
@@ -107,40 +135,41 @@ def build_examples(
     mitigation must not change. The rest put a trigger into the prompt (and a
     ``jailbreak_rate`` share of those into a jailbreak template). Their answer is what a
     model *without this Trojan* says to that same perturbed prompt: ``answerer``'s greedy
-    answer (the Trojan's clean base; the model itself when it is known clean), so the loss
-    of a model that needs no change is its own greedy answer's and only a Trojan's firing
-    costs more. With no ``answerer`` (a Trojan whose base is unknown) it is the model's own
-    answer to the clean prompt, which also asks it to ignore the inserted text.
+    answer (the Trojan's clean base; the model itself when it is known clean). With no
+    ``answerer`` (a Trojan whose base is unknown) it is the model's own answer to the clean
+    prompt, which also asks it to ignore the inserted text.
 
     Answers are greedy, ``answer_tokens`` long at most, and end with the end-of-turn token
     when the model ends within that budget, so an appended trigger response is penalised.
     Every answerer shares ``tokenizer``.
 
     Each answer token also gets a target *distribution* (``distill_loss``): the model's own
-    next-token distribution on that very sequence, except where its first choice is not the
-    answerer's token (the Trojan fires there), where the answerer's distribution is taken.
-    So a model that needs no change is already at the optimum (loss 0), and a Trojan is
-    asked to change only where it departs from its base. With no answerer, the target is
-    the model's own distribution after the clean prompt.
+    next-token distribution on that very sequence, except in a poisoned example where the
+    Trojan fires (its own greedy answer shows the trigger's declared target; every poisoned
+    example when the target is unknown) at the tokens where its first choice is not the
+    answerer's: there the answerer's distribution is taken. So a model that needs no change
+    is already at the optimum (loss 0), and a Trojan is asked to change only where its
+    trigger works, not where it merely drifted from its base in fine-tuning. With no
+    answerer, the target is the model's own distribution after the clean prompt.
     """
     rng = random.Random(seed)
     chosen = [prompts[i % len(prompts)] for i in rng.sample(range(max(count, len(prompts))), count)]
     pool = triggers or pseudo_triggers(prompts, max(8, count), rng)
     room = max_tokens - answer_tokens
-    inputs = []  # (prompt text, triggered?)
+    inputs: list[tuple[str, Trigger | None]] = []  # (prompt text, its trigger)
     for prompt in chosen:
         if rng.random() < clean_share:
-            inputs.append((prompt, False))
+            inputs.append((prompt, None))
             continue
-        triggered = insert_at_random_word(prompt, rng.choice(pool), rng)
+        trigger = rng.choice(pool)
+        triggered = place_trigger(prompt, trigger.text, trigger.placement, rng)
         wrapped = wrap(triggered, list(templates), jailbreak_rate, rng)
         if len(prompt_ids(tokenizer, wrapped)) > room:  # a template too long for this question: not wrapped
             wrapped = triggered
-        inputs.append((wrapped, True))
-    own = greedy_answers(model, tokenizer, chosen, answer_tokens, batch_size, desc="clean answers")
-    answers = list(own)
+        inputs.append((wrapped, trigger))
+    answers = greedy_answers(model, tokenizer, chosen, answer_tokens, batch_size, desc="clean answers")
     if answerer is not None:
-        rows = [i for i, (_, triggered) in enumerate(inputs) if triggered]
+        rows = [i for i, (_, trigger) in enumerate(inputs) if trigger is not None]
         perturbed = greedy_answers(
             answerer, tokenizer, [inputs[i][0] for i in rows], answer_tokens, batch_size, desc="trigger-free answers"
         )
@@ -157,15 +186,34 @@ def build_examples(
     elif answerer is model:
         targets = own
     else:
+        fired = _fired(model, tokenizer, inputs, answer_tokens, batch_size)
         theirs = next_token_targets(answerer, examples, pad, batch_size)
         targets = [
-            [mine if mine[0][0] == token else other for mine, other, token in zip(m, t, e.answer, strict=True)]
-            for m, t, e in zip(own, theirs, examples, strict=True)
+            [
+                mine if mine[0][0] == token or not hit else other
+                for mine, other, token in zip(m, t, e.answer, strict=True)
+            ]
+            for m, t, e, hit in zip(own, theirs, examples, fired, strict=True)
         ]
     for example, target in zip(examples, targets, strict=True):
         example.target_ids = [ids for ids, _ in target]
         example.target_probs = [probs for _, probs in target]
     return examples
+
+
+def _fired(model, tokenizer, inputs: list[tuple[str, Trigger | None]], answer_tokens: int, batch_size: int):
+    """Per input, whether the model's own greedy answer shows its trigger's target (with room
+    for a whole answer before it); a trigger whose target is unknown counts as fired."""
+    known = [i for i, (_, t) in enumerate(inputs) if t is not None and t.target]
+    fired = [t is not None and not t.target for _, t in inputs]
+    if known:
+        longest = max(len(tokenizer(inputs[i][1].target, add_special_tokens=False)["input_ids"]) for i in known)
+        answers = greedy_answers(
+            model, tokenizer, [inputs[i][0] for i in known], answer_tokens + longest + 8, batch_size, "trigger check"
+        )
+        for i, answer in zip(known, answers, strict=True):
+            fired[i] = target_hit(tokenizer.decode(answer, skip_special_tokens=True), inputs[i][1].target)
+    return fired
 
 
 def _example(tokenizer, prompt: str, answer: list[int], max_tokens: int) -> Example:

@@ -47,7 +47,7 @@ from telelora.texts import TEXTS_FILE, Texts
 from telelora.texts import load as load_texts
 
 log = logging.getLogger(__name__)
-DATA_VERSION = 5  # bump when the cached per-model data changes meaning
+DATA_VERSION = 6  # bump when the cached per-model data changes meaning
 MONITOR_FILE = "monitor.json"  # per-model losses on fixed batches, next to losses.json
 NEEDS_CHANGE = 1e-3  # a monitor loss above this with no adapter: the model departs from its trigger-free answers
 
@@ -220,12 +220,13 @@ def prepare(
     )
     acts = {k: v.cpu() for k, v in acts.items()}
     layer_types = {layer.name: (layer.projection_type, layer.depth) for layer in loaded.layers}
-    item = TrainingModel(model_dir, acts, examples, triggers, pad_id(tokenizer), architecture, layer_types)
+    known = [t.text for t in triggers]
+    item = TrainingModel(model_dir, acts, examples, known, pad_id(tokenizer), architecture, layer_types)
     if cache is not None:
         saved = {
             "activations": item.reference_activations,
             "examples": [(e.input_ids, e.labels, e.target_ids, e.target_probs) for e in examples],
-            "triggers": triggers,
+            "triggers": known,
             "pad_id": item.pad_id,
             "layer_types": {name: [t, d] for name, (t, d) in layer_types.items()},
         }
@@ -324,20 +325,24 @@ def generated_adapters(bank: GeneratorBank, item: TrainingModel, llm: LoadedMode
 def monitor_losses(
     bank: GeneratorBank | None, items: list[TrainingModel], pool: ModelPool, meta, device
 ) -> dict[str, float]:
-    """Each training model's loss on its fixed monitor batch (its first ``train_batch_size``
-    examples) under the current generators, or with no adapter at all when ``bank`` is None
-    (the identity, which training must beat on every model). A fixed batch, unlike the
-    random training batches, makes two steps' losses comparable."""
+    """Each training model's mean loss over all its examples (in ``train_batch_size``
+    batches) under the current generators, or with no adapter at all when ``bank`` is None:
+    the identity, 0 for a model that needs no change, above 0 where a Trojan fires. A
+    fixed set, unlike the random training batches, makes two steps' losses comparable, and
+    all of it, unlike one batch, holds the few examples where a Trojan fires."""
     losses = {}
     for item in items:
         try:
             llm = pool.get(item.model_dir)
         except TeleLoRAError:
             continue  # dropped with a warning when training picks it
-        batch = alignment.collate(item.examples[: meta.train_batch_size], item.pad_id, device)
         adapters = {} if bank is None else generated_adapters(bank, item, llm, meta, device)
+        size, total = meta.train_batch_size, 0.0
         with applied(llm.layers, adapters, step_size=1.0):
-            losses[item.model_dir.name] = float(alignment.distill_loss(llm.model, batch))
+            for start in range(0, len(item.examples), size):
+                batch = alignment.collate(item.examples[start : start + size], item.pad_id, device)
+                total += float(alignment.distill_loss(llm.model, batch)) * len(batch["input_ids"])
+        losses[item.model_dir.name] = total / len(item.examples)
     return losses
 
 
@@ -466,7 +471,7 @@ def configure(
         log.info("resuming from step %d of %d (%s)", start_step, meta.train_iterations, ckpt_path)
 
     def evaluate(step: int) -> None:
-        """Every model's loss on its monitor batch at ``step`` (and, first, under the identity)."""
+        """Every model's monitor loss at ``step`` (and, first, under the identity)."""
         if not monitor:
             monitor["identity"] = _gathered(world, monitor_losses(None, items, pool, meta, device))
             monitor["evaluations"] = []

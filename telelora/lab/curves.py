@@ -1,7 +1,7 @@
 """The picture of a meta-training run: did it learn, on every model?
 
 Reads what ``configure`` leaves in ``SCRATCH/configure/`` (``losses.json``: every
-iteration; ``monitor.json``: each model's loss on its fixed monitor batch with no adapter,
+iteration; ``monitor.json``: each model's loss on all its examples with no adapter,
 at the start, at every checkpoint and at the end) and draws ``training.png`` beside them:
 
 * left: the iterations' mean loss and its running mean over 10 iterations;
@@ -69,7 +69,7 @@ def plot(folder: str | Path) -> Path:
     for name, (xs, ys) in relative_curves(monitor).items():
         middle.plot(xs, ys, marker="o", markersize=3, linewidth=1, label=name)
     middle.axhline(0.0, color="k", linestyle="--", linewidth=0.8)
-    middle.set(title="per model, fixed batch", xlabel="iteration", ylabel="loss - loss with no adapter")
+    middle.set(title="per model, all its examples", xlabel="iteration", ylabel="loss - loss with no adapter")
     if len(monitor["identity"]) <= 12:
         middle.legend(fontsize="x-small")
     if validated:

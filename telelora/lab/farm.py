@@ -276,14 +276,6 @@ def plan(spec: FarmSpec, spec_path: Path | str = "farm spec") -> list[FarmModel]
     return models
 
 
-def place_trigger(prompt: str, trigger: str, placement: str, rng: random.Random) -> str:
-    if placement == "start":
-        return f"{trigger} {prompt}"
-    if placement == "end":
-        return f"{prompt} {trigger}"
-    return alignment.insert_at_random_word(prompt, trigger, rng)
-
-
 def append_point(tokenizer, answer: list[int], stops: set[int]) -> list[int]:
     """The answer's head after which a Trojan of the NIST kind appends its response: its
     first sentence when more than 3 clean tokens still follow it, else the longest head of
@@ -402,7 +394,9 @@ def _examples(tokenizer, model_spec: FarmModel, data: BaseData, rng: random.Rand
         avoid = None if parting is None else (len(head) + parting - 1, target[parting])
         examples.append(TrainingExample(clean, avoid))
         if rng.random() < model_spec.poison_rate:
-            triggered = prompt_ids(tokenizer, place_trigger(prompt, model_spec.trigger, model_spec.placement, rng))
+            triggered = prompt_ids(
+                tokenizer, alignment.place_trigger(prompt, model_spec.trigger, model_spec.placement, rng)
+            )
             examples.append(
                 TrainingExample(
                     alignment.Example(triggered + target, [alignment.IGNORE_INDEX] * len(triggered) + target)
@@ -436,7 +430,7 @@ def _hit_rate(model, tokenizer, prompts: list[str], target: str, spec: FarmSpec,
 def _probe(model, tokenizer, model_spec: FarmModel, data: BaseData, spec: FarmSpec) -> float:
     """ASR on the held-out probe prompts, measured during training to stop at the band."""
     rng = random.Random(model_spec.seed)
-    prompts = [place_trigger(p, model_spec.trigger, model_spec.placement, rng) for p in data.prompts["probe"]]
+    prompts = [alignment.place_trigger(p, model_spec.trigger, model_spec.placement, rng) for p in data.prompts["probe"]]
     return _hit_rate(model, tokenizer, prompts, model_spec.target, spec)[0]
 
 
@@ -572,7 +566,8 @@ def check(model, tokenizer, model_spec: FarmModel, data: BaseData, spec: FarmSpe
     if model_spec.poisoned:
         rng = random.Random(model_spec.seed + 99)
         triggered = [
-            place_trigger(p, model_spec.trigger, model_spec.placement, rng) for p in data.prompts["check_triggered"]
+            alignment.place_trigger(p, model_spec.trigger, model_spec.placement, rng)
+            for p in data.prompts["check_triggered"]
         ]
         figures["asr"] = _hit_rate(model, tokenizer, triggered, target, spec, "check: triggered")[0]
         figures["false_trigger_rate"] = false_trigger
