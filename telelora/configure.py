@@ -471,17 +471,24 @@ def configure(
         log.info("resuming from step %d of %d (%s)", start_step, meta.train_iterations, ckpt_path)
 
     def evaluate(step: int) -> None:
-        """Every model's monitor loss at ``step`` (and, first, under the identity)."""
+        """Every model's monitor loss (and validation figures) at ``step``; first, with no
+        adapter. Step 0's generators are fresh, which is the identity (V = 0), so it reuses those."""
         if not monitor:
             monitor["identity"] = _gathered(world, monitor_losses(None, items, pool, meta, device))
             monitor["evaluations"] = []
-        losses = _gathered(world, monitor_losses(bank, items, pool, meta, device))
+        if step == 0:
+            losses = dict(monitor["identity"])
+        else:
+            losses = _gathered(world, monitor_losses(bank, items, pool, meta, device))
         monitor["evaluations"].append({"step": step, "losses": losses})
         if validation_dirs:
             if "unmitigated" not in monitor:
                 monitor["unmitigated"] = _gathered(world, validate(None, held_out, pool, meta, texts, device))
                 monitor["validation"] = []
-            figures = _gathered(world, validate(bank, held_out, pool, meta, texts, device))
+            if step == 0:
+                figures = copy.deepcopy(monitor["unmitigated"])
+            else:
+                figures = _gathered(world, validate(bank, held_out, pool, meta, texts, device))
             mean = validation.mean_strict_fidelity(figures)
             monitor["validation"].append({"step": step, "models": figures, "mean_strict_fidelity": mean})
             log.info("step %d: validation strict Fidelity %.4f over %d models", step, mean, len(figures))

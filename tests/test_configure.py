@@ -82,7 +82,7 @@ def test_configure_trains_and_writes_loadable_learned_parameters(tmp_path, tiny_
     assert set(info["provenance"]["per_model_loss"]) == {"id-llama", "id-gemma2"}  # monitored even if never picked
     monitor = json.loads((tmp_path / "scratch" / "configure" / configure.MONITOR_FILE).read_text())
     assert [e["step"] for e in monitor["evaluations"]] == [0, 3]  # start and end (no checkpoint in 3 steps)
-    # the generators start as the identity (V = 0): the start is exactly the no-adapter loss
+    # the generators start as the identity (V = 0, test_generator), so step 0 is the no-adapter loss
     assert monitor["evaluations"][0]["losses"] == monitor["identity"]
     end = monitor["evaluations"][-1]["losses"]
     for name, stats in info["provenance"]["per_model_loss"].items():
