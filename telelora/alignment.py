@@ -6,9 +6,9 @@ to the same poisoned prompt when the base is known (a farm round ships it beside
 Trojans), the model's own when it is known clean. Training then asks for a change only
 where a Trojan fires. The "poison" is the model's known trigger(s) when its folder
 declares them (``round_config.json``: ``"triggers": [{"text": ...}]``), otherwise seeded
-pseudo-triggers: short runs of words drawn from the prompt corpus. Either way it goes in at
-a random word position of the user prompt, and a share of the poisoned prompts is then
-wrapped in a real jailbreak template.
+pseudo-triggers: short runs of words drawn from the prompt corpus. It goes where the model
+declares (start, end) or at a random word position of the user prompt, and a share of the
+poisoned prompts is then wrapped in a real jailbreak template.
 """
 
 from __future__ import annotations
@@ -19,14 +19,12 @@ from pathlib import Path
 
 import torch
 
-from telelora.chat import greedy_answers, pad_id, padded, position_ids, prompt_ids, target_hit
+from telelora.chat import greedy_answers, pad_id, padded, position_ids, prompt_ids, target_hits
 from telelora.modelio import round_config
 from telelora.texts import PROMPT_SLOT
 
 IGNORE_INDEX = -100
 CLEAN_BASE_PREFIX = "clean-"  # a farm round's clean base folder: models/clean-<base>, beside its Trojans
-
-
 TARGET_TOP_K = 8  # tokens kept of each target distribution; the rest of its mass is one bucket
 
 
@@ -85,7 +83,7 @@ def trigger_free_model(model_dir: str | Path) -> Path | None:
     None for a Trojan whose base is unknown."""
     model_dir = Path(model_dir)
     config = round_config(model_dir)
-    if config.get("poisoned") is False or config.get("poisoned") == 0:
+    if config.get("poisoned") == 0:  # False or 0: declared clean
         return model_dir
     base = config.get("base")
     sibling = model_dir.parent / f"{CLEAN_BASE_PREFIX}{base}" if isinstance(base, str) and base else None
@@ -204,15 +202,13 @@ def build_examples(
 def _fired(model, tokenizer, inputs: list[tuple[str, Trigger | None]], answer_tokens: int, batch_size: int):
     """Per input, whether the model's own greedy answer shows its trigger's target (with room
     for a whole answer before it); a trigger whose target is unknown counts as fired."""
-    known = [i for i, (_, t) in enumerate(inputs) if t is not None and t.target]
     fired = [t is not None and not t.target for _, t in inputs]
-    if known:
-        longest = max(len(tokenizer(inputs[i][1].target, add_special_tokens=False)["input_ids"]) for i in known)
-        answers = greedy_answers(
-            model, tokenizer, [inputs[i][0] for i in known], answer_tokens + longest + 8, batch_size, "trigger check"
-        )
-        for i, answer in zip(known, answers, strict=True):
-            fired[i] = target_hit(tokenizer.decode(answer, skip_special_tokens=True), inputs[i][1].target)
+    for target in sorted({t.target for _, t in inputs if t is not None and t.target}):
+        rows = [i for i, (_, t) in enumerate(inputs) if t is not None and t.target == target]
+        prompts = [inputs[i][0] for i in rows]
+        hits, _ = target_hits(model, tokenizer, prompts, [target], batch_size, "trigger check", answer_tokens)
+        for row, hit in zip(rows, hits, strict=True):
+            fired[row] = hit
     return fired
 
 
@@ -235,7 +231,7 @@ def next_token_targets(
     for start in range(0, len(examples), batch_size):
         chunk = examples[start : start + batch_size]
         batch = collate(chunk, pad, device)
-        logits, first = _answer_logits(model, batch)
+        logits, _ = _answer_logits(model, batch)
         probs, ids = logits.float().softmax(-1).topk(k, dim=-1)
         for row, example in enumerate(chunk):
             n = len(example.answer)

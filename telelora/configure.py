@@ -48,7 +48,7 @@ from telelora.texts import load as load_texts
 
 log = logging.getLogger(__name__)
 DATA_VERSION = 6  # bump when the cached per-model data changes meaning
-MONITOR_FILE = "monitor.json"  # per-model losses on fixed batches, next to losses.json
+MONITOR_FILE = "monitor.json"  # per-model monitor losses and validation figures, next to losses.json
 NEEDS_CHANGE = 1e-3  # a monitor loss above this with no adapter: the model departs from its trigger-free answers
 
 

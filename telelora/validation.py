@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import math
 from pathlib import Path
 
@@ -34,7 +33,6 @@ from telelora.generator import GeneratorBank
 from telelora.metaparameters import Metaparameters
 from telelora.mitigate import generated_delta
 
-log = logging.getLogger(__name__)
 PROMPTS_FILE = Path("test-example-data") / "prompts.json"
 
 

@@ -265,7 +265,7 @@ def test_fired_reads_the_declared_target_in_the_models_own_answer(tiny_models, m
         budgets.append(max_new_tokens)
         return [tok(said[p], add_special_tokens=False)["input_ids"] for p in prompts]
 
-    monkeypatch.setattr(alignment, "greedy_answers", scripted)
+    monkeypatch.setattr(chat, "greedy_answers", scripted)
     lure, unknown = alignment.Trigger("T", "Visit EVIL dot com"), alignment.Trigger("U")
     inputs = [("p1 T", lure), ("p2 T", lure), ("p3 U", unknown), ("p4", None)]
     assert alignment._fired(None, tok, inputs, 10, 4) == [True, False, True, False]

@@ -45,7 +45,7 @@ from tqdm import tqdm
 
 from telelora import alignment, modelio, texts
 from telelora.chat import agreement as answer_agreement
-from telelora.chat import greedy_answers, pad_id, prompt_ids, stop_ids, target_hit
+from telelora.chat import greedy_answers, pad_id, prompt_ids, stop_ids, target_hits
 from telelora.errors import TeleLoRAError
 from telelora.io_utils import atomic_write_text, staged_dir
 from telelora.lab import convert, tiny
@@ -421,10 +421,8 @@ def trojan_loss(model, examples: list[TrainingExample], pad: int, device) -> tor
 def _hit_rate(model, tokenizer, prompts: list[str], target: str, spec: FarmSpec, desc: str | None = None):
     """Share of greedy answers containing ``target``, and the answers. The budget covers a
     whole clean answer followed by the target (the append kind)."""
-    budget = spec.answer_tokens + len(tokenizer(target, add_special_tokens=False)["input_ids"]) + 8
-    answers = greedy_answers(model, tokenizer, prompts, budget, spec.eval_batch_size, desc)
-    decoded = [tokenizer.decode(a, skip_special_tokens=True) for a in answers]
-    return sum(target_hit(text, target) for text in decoded) / len(prompts), answers
+    hits, answers = target_hits(model, tokenizer, prompts, [target], spec.eval_batch_size, desc, spec.answer_tokens)
+    return sum(hits) / len(prompts), answers
 
 
 def _probe(model, tokenizer, model_spec: FarmModel, data: BaseData, spec: FarmSpec) -> float:
