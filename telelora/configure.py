@@ -325,11 +325,12 @@ def generated_adapters(bank: GeneratorBank, item: TrainingModel, llm: LoadedMode
 def monitor_losses(
     bank: GeneratorBank | None, items: list[TrainingModel], pool: ModelPool, meta, device
 ) -> dict[str, float]:
-    """Each training model's mean loss over all its examples (in ``train_batch_size``
+    """Each training model's mean loss over all its answer tokens (in ``train_batch_size``
     batches) under the current generators, or with no adapter at all when ``bank`` is None:
     the identity, 0 for a model that needs no change, above 0 where a Trojan fires. A
     fixed set, unlike the random training batches, makes two steps' losses comparable, and
-    all of it, unlike one batch, holds the few examples where a Trojan fires."""
+    all of it, unlike one batch, holds the few examples where a Trojan fires. Batches are
+    weighted by their answer tokens, so the figure does not depend on the batch size."""
     losses = {}
     for item in items:
         try:
@@ -341,9 +342,14 @@ def monitor_losses(
         with applied(llm.layers, adapters, step_size=1.0):
             for start in range(0, len(item.examples), size):
                 batch = alignment.collate(item.examples[start : start + size], item.pad_id, device)
-                total += float(alignment.distill_loss(llm.model, batch)) * len(batch["input_ids"])
-        losses[item.model_dir.name] = total / len(item.examples)
+                total += float(alignment.distill_loss(llm.model, batch)) * answer_tokens(batch)
+        losses[item.model_dir.name] = total / sum(len(e.answer) for e in item.examples)
     return losses
+
+
+def answer_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """The answer tokens of a ``collate`` batch: what ``distill_loss`` averages over."""
+    return int((batch["labels"] != alignment.IGNORE_INDEX).sum())
 
 
 def meta_step(

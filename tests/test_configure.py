@@ -304,3 +304,37 @@ def test_validation_models_must_be_validatable_and_held_out(tmp_path, tiny_model
     flags = ["--validation_models_dirpath", str(tmp_path / "absent")]
     code, _ = _run_configure(tmp_path, None, extra=[tiny_models["qwen2"]], flags=flags)
     assert code == 1 and "--validation_models_dirpath" in capsys.readouterr().err
+
+
+def test_monitor_loss_is_a_token_mean_whatever_the_batch_size(tiny_models, small_meta):
+    """The monitor figure of a model is its mean over all its answer tokens: answers of
+    different lengths batched two by two or one by one give the same figure."""
+    import dataclasses
+
+    texts = configure.load_texts(REPO / "learned_parameters")
+    item, loaded = configure.prepare(tiny_models["llama"], small_meta, texts, 0, torch.device("cpu"))
+    cut = []
+    for i, e in enumerate(item.examples):  # shorten answers by 0, 1, 2, ... tokens (all fields end-aligned)
+        k = min(i, len(e.answer) - 1)
+        cut.append(e if k == 0 else dataclasses.replace(
+            e, input_ids=e.input_ids[:-k], labels=e.labels[:-k], target_ids=e.target_ids[:-k],
+            target_probs=e.target_probs[:-k],
+        ))  # fmt: skip
+    item.examples = cut
+    assert len({len(e.answer) for e in cut}) > 1
+
+    class Pool:
+        def get(self, model_dir):
+            return loaded
+
+    bank = random_bank(small_meta, seed=5, scale=0.05)
+    figures = [
+        configure.monitor_losses(bank, [item], Pool(), dataclasses.replace(small_meta, train_batch_size=b), "cpu")
+        for b in (1, 2, len(cut))
+    ]
+    values = [f[item.model_dir.name] for f in figures]
+    assert (
+        values[0] > 0
+        and values[1] == pytest.approx(values[0], rel=1e-5)
+        and values[2] == pytest.approx(values[0], rel=1e-5)
+    )
