@@ -354,22 +354,36 @@ def _override(meta, assignments: list[str]):
 SESSION_ARGS = ("out", "resume", "models", "markdown")  # what may differ between a run and its resumption
 
 
+def _mitigation_knobs(meta: dict) -> dict:
+    return {k: v for k, v in meta.items() if k not in metaparameters.TRAINING_ONLY}
+
+
+def learned_digest(learned_dir: Path) -> str:
+    """What the learned parameters hold (every file's name and bytes), so rows measured with
+    other generators are never resumed into the same table."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in Path(learned_dir).iterdir() if p.is_file()):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
 def finished_rows(out: Path | None, settings: dict, meta: dict, subjects: list[RoundModel]) -> list[dict]:
-    """The rows of ``out`` from an earlier run with the same settings and metaparameters:
-    every model whose methods were all measured (a model is written only once all of them
-    are), each still the model it was (same fingerprint) where it is benched again."""
+    """The rows of ``out`` from an earlier run with the same settings, learned parameters and
+    the metaparameters ``mitigate`` reads (meta-training's own may differ): every model whose
+    methods were all measured (a model is written only once all of them are), each still the
+    model it was (same fingerprint) where it is benched again."""
     if out is None or not out.is_file():
         return []
     try:
         payload = json.loads(out.read_text())
         stored = {k: v for k, v in payload["settings"].items() if k not in SESSION_ARGS}
-        stored["metaparameters"] = payload["metaparameters"]
+        stored["metaparameters"] = _mitigation_knobs(payload["metaparameters"])
         rows = payload["rows"]
         fingerprints = {(r["model"], r.get("fingerprint")) for r in rows}
     except (OSError, ValueError, KeyError, AttributeError, TypeError) as err:
         raise TeleLoRAError(f"--resume: {out} is not a readable result of this bench ({err})") from err
     mine = {k: v for k, v in settings.items() if k not in SESSION_ARGS}
-    mine = json.loads(json.dumps({**mine, "metaparameters": meta}))
+    mine = json.loads(json.dumps({**mine, "metaparameters": _mitigation_knobs(meta)}))
     if stored != mine:
         changed = sorted(k for k in set(stored) | set(mine) if stored.get(k) != mine.get(k))
         raise TeleLoRAError(f"--resume: {out} was measured with other settings ({', '.join(changed)}); use a new --out")
@@ -425,6 +439,7 @@ def main(argv: list[str] | None = None) -> None:
         settings = {
             k: str(v.resolve()) if isinstance(v, Path) else v for k, v in vars(args).items() if k not in SESSION_ARGS
         }
+        settings["learned_parameters_digest"] = learned_digest(args.learned_parameters)
         rows = finished_rows(args.out, settings, meta.to_dict(), subjects) if args.resume else []
         if args.resume and not args.out:
             raise TeleLoRAError("--resume needs --out: the JSON whose finished models are kept")

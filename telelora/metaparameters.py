@@ -14,6 +14,13 @@ from telelora.errors import MetaparameterError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PROJECTION_TYPES = ("q", "k", "v", "o", "gate", "up", "down")
+# read by configure alone: a mitigated model does not depend on them (benches compare the rest)
+TRAINING_ONLY = frozenset(
+    {
+        "learning_rate", "train_iterations", "train_batch_size", "alignment_examples_per_model",
+        "jailbreak_rate", "clean_prompt_share", "answer_tokens", "validation_prompts",
+    }
+)  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)

@@ -3,6 +3,8 @@
 import csv
 import json
 import math
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -120,6 +122,17 @@ def test_bench_resumes_keeping_finished_models(tiny_round, learned_dir, meta_fil
     capsys.readouterr()
     assert "other settings (num_samples)" in _error(args("--resume", "--num_samples", "4"))
     assert "other settings (metaparameters, set, steps)" in _error(args("--resume", "--set", "mitigation_steps=2"))
+    # meta-training's own knobs do not change a mitigated model: resuming across them keeps every row
+    training_only = tmp_path / "meta-training-only.json"
+    values = {**json.loads(meta_file.read_text()), "learning_rate": 0.05, "answer_tokens": 9}
+    training_only.write_text(json.dumps(values))
+    bench.main(args("--resume", "--metaparameters", str(training_only)))
+    assert json.loads(out.read_text())["rows"] == rows
+    other = Path(shutil.copytree(learned_dir, tmp_path / "other-learned"))
+    (other / "generators.json").write_text((other / "generators.json").read_text() + "\n")
+    assert "other settings (learned_parameters, learned_parameters_digest)" in _error(
+        args("--resume", "--learned_parameters", str(other))
+    )
     payload = json.loads(out.read_text())
     payload["rows"][0]["fingerprint"] = "another-model"  # as if id-00000000 were rebuilt since
     out.write_text(json.dumps(payload))
