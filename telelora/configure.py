@@ -341,15 +341,11 @@ def monitor_losses(
         size, total = meta.train_batch_size, 0.0
         with applied(llm.layers, adapters, step_size=1.0):
             for start in range(0, len(item.examples), size):
-                batch = alignment.collate(item.examples[start : start + size], item.pad_id, device)
-                total += float(alignment.distill_loss(llm.model, batch)) * answer_tokens(batch)
+                chunk = item.examples[start : start + size]
+                batch = alignment.collate(chunk, item.pad_id, device)
+                total += float(alignment.distill_loss(llm.model, batch)) * sum(len(e.answer) for e in chunk)
         losses[item.model_dir.name] = total / sum(len(e.answer) for e in item.examples)
     return losses
-
-
-def answer_tokens(batch: dict[str, torch.Tensor]) -> int:
-    """The answer tokens of a ``collate`` batch: what ``distill_loss`` averages over."""
-    return int((batch["labels"] != alignment.IGNORE_INDEX).sum())
 
 
 def meta_step(

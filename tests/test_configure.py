@@ -1,3 +1,4 @@
+import dataclasses
 import json
 from pathlib import Path
 
@@ -309,8 +310,6 @@ def test_validation_models_must_be_validatable_and_held_out(tmp_path, tiny_model
 def test_monitor_loss_is_a_token_mean_whatever_the_batch_size(tiny_models, small_meta):
     """The monitor figure of a model is its mean over all its answer tokens: answers of
     different lengths batched two by two or one by one give the same figure."""
-    import dataclasses
-
     texts = configure.load_texts(REPO / "learned_parameters")
     item, loaded = configure.prepare(tiny_models["llama"], small_meta, texts, 0, torch.device("cpu"))
     cut = []
