@@ -16,8 +16,9 @@ parameters (each one with a gradient by ~lr, whatever its gradient's size).
     OMP_NUM_THREADS=1 python bench/first_step.py --models_dirpath ~/exp/train \\
         --metaparameters ~/exp/meta.json --scratch ~/exp/scratch --out bench/results/first_step_cpu.json
 
-Only train-split models are for looking at (the test split is never used for choices); the
-data come from, or go to, configure's scratch cache.
+Only train/validation models are for looking at (the test split is never used for choices:
+a farm model of the test split is refused); the data come from, or go to, configure's
+scratch cache.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from telelora import configure as conf  # noqa: E402
+from telelora import modelio  # noqa: E402
 from telelora.errors import TeleLoRAError  # noqa: E402
 from telelora.generator import GeneratorBank  # noqa: E402
 from telelora.io_utils import atomic_write_text  # noqa: E402
@@ -121,6 +123,8 @@ def main(argv: list[str] | None = None) -> None:
         pool = conf.ModelPool(meta, device, 8 * 2**30)
         items = []
         for model_dir in conf.list_model_dirs(args.models_dirpath, None, "--models_dirpath"):
+            if (modelio.round_config(model_dir).get("farm") or {}).get("split") == "test":
+                raise TeleLoRAError(f"{model_dir} is a test-split model: only train/validation are looked at")
             item, loaded = conf.prepare(
                 model_dir, meta, texts, conf.seed_for(model_dir, meta.seed), device, args.scratch
             )

@@ -45,3 +45,13 @@ def test_a_round_with_nothing_to_remove_is_refused(tmp_path, tiny_models):
     meta = write_meta(tmp_path / "meta.json")
     with pytest.raises(SystemExit, match="needs a change"):
         bench.main(["--models_dirpath", str(root), "--metaparameters", str(meta), "--scratch", str(tmp_path / "s")])
+
+
+def test_a_test_split_model_is_refused(tmp_path, model_copy):
+    root = tmp_path / "models"
+    root.mkdir()
+    model = model_copy("llama").rename(root / "id-00000003")
+    config = json.loads((model / "round_config.json").read_text())
+    (model / "round_config.json").write_text(json.dumps({**config, "farm": {"split": "test"}}))
+    with pytest.raises(SystemExit, match="test-split model"):
+        bench.main(["--models_dirpath", str(root), "--scratch", str(tmp_path / "s")])
