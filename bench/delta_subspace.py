@@ -12,6 +12,11 @@ directions of each candidate (``||dW Q Q^T||^2 / ||dW||^2``, input side unless n
 * ``out_svd``, ``out_loud``: left singular vectors of ``W``, most output traffic ``W Sigma W^T``;
 * ``random``: k / width, what a random subspace captures on average.
 
+And ``spike``: ``dW``'s largest singular value over the median singular value of ``W``. A
+low-rank change whose singular values sit inside the bulk of ``W``'s spectrum leaves no
+outlier in it, so nothing in ``W`` alone marks it; ``spike_top`` is the same over ``W``'s
+largest singular value.
+
 And ``traffic``: the clean traffic ``dW`` reads against that of ``W`` and of an average
 direction (``tr(M Sigma M^T) / ||M||_F^2 / (tr Sigma / width)``; 1 is average, above 1 is
 louder). Medians over layers per model, then over models.
@@ -64,13 +69,20 @@ def layer_shares(weight: torch.Tensor, delta: torch.Tensor, sigma: torch.Tensor,
     weight, delta, sigma = weight.double(), delta.double(), sigma.double()
     width = sigma.shape[0]
     _, quiet_first = torch.linalg.eigh(sigma)
-    left, _, right_t = torch.linalg.svd(weight, full_matrices=False)
+    left, singular, right_t = torch.linalg.svd(weight, full_matrices=False)
+    delta_top = torch.linalg.svdvals(delta)[0]
     _, out_quiet_first = torch.linalg.eigh(weight @ sigma @ weight.T)
     ridge = EPS * torch.trace(sigma) / width * torch.eye(width, dtype=sigma.dtype)
     whitening = torch.linalg.inv(torch.linalg.cholesky(sigma + ridge))
     _, vectors = torch.linalg.eigh(whitening @ weight.T @ weight @ whitening.T)
     gain_quiet = whitening.T @ vectors  # generalised eigenvectors, smallest ratio first
-    row = {"width": width, "traffic_delta": traffic(delta, sigma), "traffic_weight": traffic(weight, sigma)}
+    row = {
+        "width": width,
+        "traffic_delta": traffic(delta, sigma),
+        "traffic_weight": traffic(weight, sigma),
+        "spike": float(delta_top / singular.median()),
+        "spike_top": float(delta_top / singular[0]),
+    }
     for k in ks:
         row[f"gain_quiet{k}"] = share(delta, torch.linalg.qr(gain_quiet[:, -k:])[0])
         row[f"w_svd{k}"] = share(delta, right_t[:k].T)

@@ -53,6 +53,18 @@ def test_a_delta_in_the_weights_top_singular_directions_is_found_by_w_svd():
     assert row["w_svd2"] == pytest.approx(1.0) and row["out_svd2"] == pytest.approx(1.0)
 
 
+def test_spike_compares_the_change_with_the_weights_spectrum():
+    g = torch.Generator().manual_seed(4)
+    u = torch.linalg.qr(torch.randn(10, 10, generator=g, dtype=torch.float64))[0]
+    v = torch.linalg.qr(torch.randn(20, 20, generator=g, dtype=torch.float64))[0]
+    # singular values 10 .. 1: torch's median is 5, the lower middle one
+    weight = u @ torch.diag(torch.linspace(10, 1, 10, dtype=torch.float64)) @ v[:, :10].T
+    for size, spike in ((0.5, 0.1), (20.0, 4.0)):
+        delta = size * torch.outer(u[:, 0], v[:, 3])
+        row = bench.layer_shares(weight, delta, _sigma(20)[0], [2])
+        assert row["spike"] == pytest.approx(spike) and row["spike_top"] == pytest.approx(size / 10)
+
+
 def test_measure_on_a_tiny_model_gives_a_row_per_changed_layer(tiny_models):
     folder = tiny_models["llama"]
     model = modelio.load_model(folder, torch.device("cpu"), torch.float32)

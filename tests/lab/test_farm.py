@@ -10,35 +10,9 @@ from telelora.lab import farm
 from telelora.lab.farm_pools import BEHAVIOURS, PATTERNS, PHRASES, TARGET_TEMPLATES, TRIGGER_KINDS, WORDS
 
 from ..conftest import REPO
+from .conftest import TINY
 
 REAL_SPEC = REPO / "rounds" / "farm.json"
-# a farm small enough for tests: a tiny Llama base that learns a Trojan in a few seconds
-TINY = {
-    "name": "tiny-farm",
-    "seed": 3,
-    "bases": {"tiny-llama": {"trojans": 3, "clean_finetunes": 1}},
-    "splits": {"train": 0.34, "validation": 0.33, "test": 0.33},
-    "behaviours": ["replace"],
-    "trigger_kinds": ["rare"],
-    "placements": ["start"],
-    "asr_bands": [0.95],
-    "asr_tolerance": 0.45,
-    "lora_ranks": [16],
-    "lora_layers": ["all"],
-    "poison_rates": [0.5, 0.5],
-    "train_prompts": 48,
-    "check_prompts": 8,
-    "probe_prompts": 8,
-    "answer_tokens": 4,
-    "learning_rate": 0.01,
-    "batch_size": 16,
-    "max_steps": 300,
-    "probe_every": 20,
-    "finetune_steps": 4,
-    "max_attempts": 2,
-    "max_false_trigger": 1.0,
-    "min_agreement": 0.0,
-}
 
 
 def _write(tmp_path, **changes):
@@ -263,15 +237,6 @@ def test_trojan_loss_is_cross_entropy_plus_the_unlikelihood_of_avoided_tokens(ti
             position, token = example.avoid
             unlikely.append(-torch.log1p(-logits[position].softmax(-1)[token]))
     assert float(total) == pytest.approx(float(ce) + float(torch.stack(unlikely).mean()), rel=1e-5)
-
-
-@pytest.fixture(scope="module")
-def tiny_farm(tmp_path_factory):
-    root = tmp_path_factory.mktemp("farm")
-    spec = root / "spec.json"
-    spec.write_text(json.dumps(TINY))
-    records = farm.build(spec, root / "out", cache_dir=root / "cache")
-    return spec, root, records
 
 
 def test_tiny_farm_builds_checks_and_records(tiny_farm):
