@@ -24,7 +24,7 @@ Generators are trained on the train split's Trojans and measured on the validati
 Generalisation is the gap between a variant's train and validation ``R``: a generator that
 learned where Trojans live lowers both.
 
-    OMP_NUM_THREADS=2 python bench/layer_local.py --farm ~/farm-v1 --scratch ~/exp/layer_local \\
+    OMP_NUM_THREADS=1 python bench/layer_local.py --farm ~/farm-v1 --scratch ~/exp/layer_local \\
         --out bench/results/layer_local_cpu.json
 """
 
@@ -89,7 +89,7 @@ class ModelData:
 
     @classmethod
     def load(cls, path: Path) -> ModelData:
-        stored = torch.load(path, weights_only=True)
+        stored = torch.load(path, weights_only=True, mmap=True)  # layers left out are never read
         return cls(**{**stored, "layers": [LayerData(**layer) for layer in stored["layers"]]})
 
     def in_blocks(self, count: int) -> ModelData:
@@ -318,8 +318,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rows", type=int, default=128, help="token rows per layer, each of triggered and clean")
     parser.add_argument("--blocks", type=int, default=5, help="evenly spaced blocks whose layers take part")
     parser.add_argument("--steps", type=int, default=150)
-    parser.add_argument("--learning_rate", type=float, default=1e-3)
-    parser.add_argument("--eval_every", type=int, default=50)
+    parser.add_argument("--learning_rate", type=float, default=1e-4, help="Adam; 1e-3 diverges")
+    parser.add_argument("--eval_every", type=int, default=25)
     parser.add_argument("--free_steps", type=int, default=300)
     parser.add_argument("--cache_dir", type=Path)
     parser.add_argument("--out", type=Path)
@@ -384,8 +384,8 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def plot(results: dict, path: Path) -> None:
-    """Per trained variant, the train and validation ``R`` (medians, each validation model thin)
-    against the step; the free adapters' validation median as a dashed floor."""
+    """Per trained variant, the median train and validation ``R`` (each validation model thin)
+    against the step, on a log scale; the free adapters' validation median as a dashed floor."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -403,7 +403,7 @@ def plot(results: dict, path: Path) -> None:
         for model in entry["curve"][0]["validation"]:
             axis.plot(steps, [p["validation"][model]["all"] for p in entry["curve"]], color=colour, lw=0.4, alpha=0.4)
     axis.axhline(1.0, color="grey", lw=0.8)
-    axis.set(xlabel="generator step", ylabel="R: share of the Trojan's change left (median)", ylim=(0, None))
+    axis.set(xlabel="generator step", ylabel="R: share of the Trojan's change left", yscale="log")
     axis.legend(fontsize="small")
     fig.tight_layout()
     staging = path.with_name(f".{path.name}.tmp")
