@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import random
 import statistics
 import sys
@@ -50,9 +49,10 @@ from telelora.architectures import find_adapted_layers  # noqa: E402
 from telelora.chat import pad_id, padded, prompt_ids  # noqa: E402
 from telelora.einnet import EinNet  # noqa: E402
 from telelora.errors import TeleLoRAError  # noqa: E402
-from telelora.generator import AdapterGenerator, strongest_rows  # noqa: E402
+from telelora.generator import AdapterGenerator, rms_normalised  # noqa: E402
 from telelora.io_utils import atomic_write_text  # noqa: E402
 from telelora.lab import farm  # noqa: E402
+from telelora.lab.curves import save_figure  # noqa: E402
 from telelora.lab.round_builder import base_folder  # noqa: E402
 from telelora.metaparameters import PROJECTION_TYPES, REPO_ROOT  # noqa: E402
 from telelora.metaparameters import load as load_meta  # noqa: E402
@@ -180,19 +180,13 @@ class WeightAwareGenerator(AdapterGenerator):
     def __init__(self, hidden: int, stacks: int, use_depth_channel: bool):
         super().__init__(hidden, stacks, use_depth_channel)
         self.net = EinNet(in_channels=2 + int(use_depth_channel), hidden=hidden, out_channels=2, stacks=stacks)
-        with torch.no_grad():
-            self.net.output_layer.fan_out.weight[1].zero_()
-            self.net.output_layer.fan_out.bias[1].zero_()
+        self.start_at_identity()
 
     def forward_with(self, x: torch.Tensor, extra: torch.Tensor, depth: float, rank: int):
-        n, h = x.shape
-        channels = [x / x.pow(2).mean().sqrt().clamp_min(1e-12), extra / extra.pow(2).mean().sqrt().clamp_min(1e-12)]
+        channels = [rms_normalised(x), rms_normalised(extra)]
         if self.use_depth_channel:
             channels.append(torch.full_like(x, float(depth)))
-        u0, v0 = self.net(torch.stack(channels))
-        rows = strongest_rows(u0.norm(dim=-1), v0.norm(dim=-1), rank)
-        scale = (h * rank) ** -0.5
-        return u0[rows] * scale, v0[rows] * scale
+        return self.adapter_from(torch.stack(channels), rank)
 
 
 def residuals(layer: LayerData, w_base: torch.Tensor, u, v, step_size: float) -> tuple[torch.Tensor, ...]:
@@ -406,10 +400,7 @@ def plot(results: dict, path: Path) -> None:
     axis.set(xlabel="generator step", ylabel="R: share of the Trojan's change left", yscale="log")
     axis.legend(fontsize="small")
     fig.tight_layout()
-    staging = path.with_name(f".{path.name}.tmp")
-    fig.savefig(staging, format="png", dpi=120)
-    plt.close(fig)
-    os.replace(staging, path)
+    save_figure(fig, path)
 
 
 def print_table(results: dict, train_models, val_models) -> None:

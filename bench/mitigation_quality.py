@@ -41,7 +41,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
 import sys
 import tempfile
 import time
@@ -58,6 +57,7 @@ from telelora.errors import TeleLoRAError  # noqa: E402
 from telelora.io_utils import atomic_write_text  # noqa: E402
 from telelora.lab import evaluate, score  # noqa: E402
 from telelora.lab.baselines import BASELINES, apply_baseline  # noqa: E402
+from telelora.lab.curves import save_figure  # noqa: E402
 from telelora.learned import load_bank  # noqa: E402
 from telelora.metaparameters import REPO_ROOT  # noqa: E402
 from telelora.mitigate import mitigate_model  # noqa: E402
@@ -329,10 +329,7 @@ def plot(summary: list[dict], rows: list[dict], path: Path) -> None:
     if right.collections:
         right.legend(fontsize="small")
     fig.tight_layout()
-    staging = path.with_name(f".{path.name}.tmp")
-    fig.savefig(staging, format="png", dpi=120)
-    plt.close(fig)
-    os.replace(staging, path)
+    save_figure(fig, path)
 
 
 def _override(meta, assignments: list[str]):

@@ -30,6 +30,11 @@ def strongest_rows(u_norms: torch.Tensor, v_norms: torch.Tensor, rank: int) -> t
     return by_u[by_strength[:rank]]
 
 
+def rms_normalised(x: torch.Tensor) -> torch.Tensor:
+    """``x`` scaled to unit root-mean-square (all zeros stay zeros)."""
+    return x / x.pow(2).mean().sqrt().clamp_min(1e-12)
+
+
 # The graph one generator pass may keep whole under autograd. At the shipped size the q..up
 # layers of SmolLM2 and Gemma-3 (~120 MB) keep it and their down layers recompute; at the
 # paper's size (12 stacks, N = 50) every layer of a real LLM recomputes.
@@ -43,8 +48,11 @@ class AdapterGenerator(nn.Module):
         super().__init__()
         self.use_depth_channel = use_depth_channel
         self.net = EinNet(in_channels=1 + int(use_depth_channel), hidden=hidden, out_channels=2, stacks=stacks)
-        # Zero the V channel: the first adapters are exactly the identity (V^T U = 0), and
-        # gradients still reach V (dL/dV = U-weighted), as with a zero-initialised LoRA B.
+        self.start_at_identity()
+
+    def start_at_identity(self) -> None:
+        """Zero the V channel: the first adapters are exactly the identity (V^T U = 0), and
+        gradients still reach V (dL/dV = U-weighted), as with a zero-initialised LoRA B."""
         with torch.no_grad():
             self.net.output_layer.fan_out.weight[1].zero_()
             self.net.output_layer.fan_out.bias[1].zero_()
@@ -55,15 +63,19 @@ class AdapterGenerator(nn.Module):
         if rank > n:
             raise ValueError(f"rank {rank} exceeds the number of reference samples {n}")
         # a multiplicative adapter is scale-free in x, so only the shape of X matters
-        x = x / x.pow(2).mean().sqrt().clamp_min(1e-12)
+        x = rms_normalised(x)
         channels = [x]
         if self.use_depth_channel:
             channels.append(torch.full_like(x, float(depth)))
-        u0, v0 = self.net(torch.stack(channels))
+        return self.adapter_from(torch.stack(channels), rank)
+
+    def adapter_from(self, channels: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``U, V`` from the network's input channels (C x N x H): the ``rank`` strongest rows."""
+        u0, v0 = self.net(channels)
         rows = strongest_rows(u0.norm(dim=-1), v0.norm(dim=-1), rank)
         # rows of norm ~ 1/sqrt(r): the sum of r rank-one terms V^T U stays O(1) for every
         # width and rank, so a small step of the generator is a small change of the LLM
-        scale = (h * rank) ** -0.5
+        scale = (channels.shape[-1] * rank) ** -0.5
         return u0[rows] * scale, v0[rows] * scale
 
 

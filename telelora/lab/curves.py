@@ -76,11 +76,18 @@ def plot(folder: str | Path) -> Path:
         _plot_validation(axes[2], monitor["validation"], monitor.get("best_step"))
     fig.tight_layout()
     path = folder / PLOT_FILE
+    save_figure(fig, path, dpi=110)
+    return path
+
+
+def save_figure(fig, path: Path, dpi: int = 120) -> None:
+    """Write ``fig`` as a PNG atomically (a half-written plot never replaces a whole one) and close it."""
+    import matplotlib.pyplot as plt
+
     staging = path.with_name(f".{path.name}.tmp")
-    fig.savefig(staging, format="png", dpi=110)
+    fig.savefig(staging, format="png", dpi=dpi)
     plt.close(fig)
     os.replace(staging, path)
-    return path
 
 
 def _plot_validation(axis, validation: list[dict], best_step: int | None) -> None:
