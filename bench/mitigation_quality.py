@@ -30,7 +30,10 @@ x.json`` writes JSON (atomically, after every model, so a later failure keeps th
 ones) and ``x.png``: strict Fidelity per method with its interval, and ASR after mitigation
 against agreement per poisoned model. ``--resume`` keeps the models already in ``--out`` (same
 settings) and adds the rest: a long bench spans sessions, and a farm split can be benched as
-its models are built. ``--set KEY=VALUE`` overrides metaparameters.
+its models are built. ``--merge y.json ...`` adds the finished models of runs made elsewhere
+(another machine, a GPU): same settings and learned parameters, the same model files
+(fingerprints checked against ``--round``); only where and in which dtype they ran may differ,
+and each merged row names its file in ``source``. ``--set KEY=VALUE`` overrides metaparameters.
 """
 
 from __future__ import annotations
@@ -348,7 +351,11 @@ def _override(meta, assignments: list[str]):
     return dataclasses.replace(meta, **{**values, "target_projections": tuple(values["target_projections"])})
 
 
-SESSION_ARGS = ("out", "resume", "models", "markdown")  # what may differ between a run and its resumption
+SESSION_ARGS = ("out", "resume", "merge", "models", "markdown")  # may differ between a run and its resumption
+# where a run was made, not what it measured: --merge accepts rows that differ in these (paths
+# are compared by content: the learned parameters' digest, the metaparameters themselves)
+WHERE_SETTINGS = ("round", "set", "learned_parameters", "metaparameters")
+WHERE_KNOBS = ("device", "dtype")
 
 
 def _mitigation_knobs(meta: dict) -> dict:
@@ -364,30 +371,45 @@ def learned_digest(learned_dir: Path) -> str:
     return digest.hexdigest()[:16]
 
 
-def finished_rows(out: Path | None, settings: dict, meta: dict, subjects: list[RoundModel]) -> list[dict]:
-    """The rows of ``out`` from an earlier run with the same settings, learned parameters and
+def _comparable(settings: dict, meta: dict, anywhere: bool) -> dict:
+    """What two runs must share for their rows to join one table; ``anywhere`` leaves out
+    where they ran (``WHERE_SETTINGS``, ``WHERE_KNOBS``)."""
+    ignored = SESSION_ARGS + (WHERE_SETTINGS if anywhere else ())
+    kept = {k: v for k, v in settings.items() if k not in ignored}
+    knobs = {k: v for k, v in _mitigation_knobs(meta).items() if not (anywhere and k in WHERE_KNOBS)}
+    return json.loads(json.dumps({**kept, "metaparameters": knobs}))
+
+
+def finished_rows(
+    path: Path | None, settings: dict, meta: dict, subjects: list[RoundModel], flag: str = "--resume"
+) -> list[dict]:
+    """The rows of ``path`` from an earlier run with the same settings, learned parameters and
     the metaparameters ``mitigate`` reads (meta-training's own may differ): every model whose
     methods were all measured (a model is written only once all of them are), each still the
-    model it was (same fingerprint) where it is benched again."""
-    if out is None or not out.is_file():
+    model it was (same fingerprint) among ``subjects``. ``--merge`` (a run made elsewhere)
+    also lets where it ran differ, and needs every one of its models among ``subjects``."""
+    merge = flag == "--merge"
+    if path is None or (not merge and not path.is_file()):
         return []
     try:
-        payload = json.loads(out.read_text())
-        stored = {k: v for k, v in payload["settings"].items() if k not in SESSION_ARGS}
-        stored["metaparameters"] = _mitigation_knobs(payload["metaparameters"])
+        payload = json.loads(path.read_text())
+        stored = _comparable(payload["settings"], payload["metaparameters"], merge)
         rows = payload["rows"]
         fingerprints = {(r["model"], r.get("fingerprint")) for r in rows}
     except (OSError, ValueError, KeyError, AttributeError, TypeError) as err:
-        raise TeleLoRAError(f"--resume: {out} is not a readable result of this bench ({err})") from err
-    mine = {k: v for k, v in settings.items() if k not in SESSION_ARGS}
-    mine = json.loads(json.dumps({**mine, "metaparameters": _mitigation_knobs(meta)}))
+        raise TeleLoRAError(f"{flag}: {path} is not a readable result of this bench ({err})") from err
+    mine = _comparable(settings, meta, merge)
     if stored != mine:
         changed = sorted(k for k in set(stored) | set(mine) if stored.get(k) != mine.get(k))
-        raise TeleLoRAError(f"--resume: {out} was measured with other settings ({', '.join(changed)}); use a new --out")
-    changed = [s.dir.name for s in subjects if any(m == s.dir.name and f != s.fingerprint for m, f in fingerprints)]
+        raise TeleLoRAError(f"{flag}: {path} was measured with other settings ({', '.join(changed)}); use a new --out")
+    known = {s.dir.name: s.fingerprint for s in subjects}
+    changed = sorted({m for m, f in fingerprints if m in known and f != known[m]})
     if changed:
-        raise TeleLoRAError(f"--resume: {', '.join(changed)} changed since {out} measured them; use a new --out")
-    return rows
+        raise TeleLoRAError(f"{flag}: {', '.join(changed)} changed since {path} measured them; use a new --out")
+    missing = sorted({m for m, _ in fingerprints if m not in known})
+    if merge and missing:
+        raise TeleLoRAError(f"--merge: {path} holds {', '.join(missing)}, which --round does not")
+    return [{**r, "source": r.get("source", path.name)} for r in rows] if merge else rows
 
 
 def _check_writable(path: Path) -> None:
@@ -416,6 +438,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--resume", action="store_true", help="keep the finished models of --out (same settings) and bench the rest"
     )
+    parser.add_argument(
+        "--merge", nargs="+", type=Path, default=[], metavar="JSON",
+        help="add the finished models of runs made elsewhere (same settings; device and dtype may differ)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     try:  # every input checked before the first (long) measurement
         unknown = [m for m in args.methods if m not in METHODS]
@@ -437,9 +463,16 @@ def main(argv: list[str] | None = None) -> None:
             k: str(v.resolve()) if isinstance(v, Path) else v for k, v in vars(args).items() if k not in SESSION_ARGS
         }
         settings["learned_parameters_digest"] = learned_digest(args.learned_parameters)
+        if (args.resume or args.merge) and not args.out:
+            raise TeleLoRAError("--resume and --merge need --out: the JSON the finished models are kept in")
         rows = finished_rows(args.out, settings, meta.to_dict(), subjects) if args.resume else []
-        if args.resume and not args.out:
-            raise TeleLoRAError("--resume needs --out: the JSON whose finished models are kept")
+        everything = select_models(args.round, None, None) if args.merge else []
+        for path in args.merge:
+            merged = finished_rows(path, settings, meta.to_dict(), everything, flag="--merge")
+            twice = sorted({r["model"] for r in merged} & {r["model"] for r in rows})
+            if twice:
+                raise TeleLoRAError(f"--merge: {', '.join(twice)} measured twice (in {path} too)")
+            rows += merged
     except TeleLoRAError as err:
         raise SystemExit("error: " + " ".join(str(err).split())) from err
 
@@ -448,11 +481,8 @@ def main(argv: list[str] | None = None) -> None:
     print(ROW_HEADER)
     for row in rows:
         print(format_row(row))
-    summaries = {by: summarise(rows, by) for by in BREAKDOWNS}
-    for subject in subjects:
-        if subject.dir.name in done:
-            continue
-        rows += bench_model(subject, args, meta, texts, mmlu_rows)
+
+    def write() -> dict:
         summaries = {by: summarise(rows, by) for by in BREAKDOWNS}
         if args.out:
             payload = {
@@ -464,6 +494,14 @@ def main(argv: list[str] | None = None) -> None:
             }
             atomic_write_text(args.out, json.dumps(payload, indent=2))
             plot(summaries["all"], rows, args.out.with_suffix(".png"))
+        return summaries
+
+    summaries = write() if args.merge else {by: summarise(rows, by) for by in BREAKDOWNS}
+    for subject in subjects:
+        if subject.dir.name in done:
+            continue
+        rows += bench_model(subject, args, meta, texts, mmlu_rows)
+        summaries = write()
     for by, title in BREAKDOWNS.items():
         if summaries[by]:
             print(f"\n{title}:\n{format_summary(summaries[by], args.markdown)}")

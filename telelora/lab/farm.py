@@ -664,7 +664,8 @@ class _Bases:
         if base != self.name:
             self.model = None
             folder = base_folder(base, self.out / ".work", self.cache_dir)
-            device, dtype = modelio.pick_device_dtype("auto", model_dir=folder)
+            # float32 on every device: a GPU's default bfloat16 would train another recipe
+            device, dtype = modelio.pick_device_dtype("auto", "float32", folder)
             self.tokenizer = modelio.load_tokenizer(folder)
             self.model = modelio.load_model(folder, device, dtype)
             self.model.requires_grad_(False)
@@ -754,6 +755,7 @@ def build_model(
         "attempts": attempts,
         "seconds": round(time.time() - start + earlier_seconds, 1),
         "spec_settings": _settings(spec),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
     }
     final = out / "models" / model_spec.model_id
     with staged_dir(final) as staging:

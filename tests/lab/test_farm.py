@@ -247,6 +247,7 @@ def test_tiny_farm_builds_checks_and_records(tiny_farm):
         model = record["model"]
         folder = root / "out" / "models" / model["model_id"]
         assert (folder / farm.DELTA_FILE).is_file() and record["delta_bytes"] > 0
+        assert record["device"] == "cpu"  # where it was trained: a GPU build names its GPU
         last = record["attempts"][-1]
         assert last["problems"] == [] and last["agreement_with_base"] >= spec.min_agreement
         if model["kind"] == "trojan":

@@ -139,7 +139,45 @@ def test_bench_resumes_keeping_finished_models(tiny_round, learned_dir, meta_fil
     assert "id-00000000 changed since" in _error(args("--resume"))
     out.write_text("{not json")
     assert "not a readable result" in _error(args("--resume"))
-    assert "--resume needs --out" in _error(_args(tiny_round, learned_dir, meta_file, "--resume"))
+    assert "--resume and --merge need --out" in _error(_args(tiny_round, learned_dir, meta_file, "--resume"))
+
+
+def test_bench_merges_runs_made_elsewhere(tiny_round, learned_dir, meta_file, tmp_path, capsys):
+    here, there, joined = (tmp_path / f"{name}.json" for name in ("here", "there", "joined"))
+
+    def args(*extra):
+        return _args(tiny_round, learned_dir, meta_file, "--methods", "none", "telelora", *extra)
+
+    bench.main(args("--models", "id-00000000", "--out", str(here)))
+    bench.main(args("--models", "id-00000001", "--out", str(there), "--set", 'dtype="float32"'))  # as on a GPU
+    bench.main(args("--out", str(joined), "--merge", str(here), str(there)))  # nothing is left to measure
+    result = json.loads(joined.read_text())
+    measured = json.loads(here.read_text())["rows"] + json.loads(there.read_text())["rows"]
+    assert [{k: v for k, v in r.items() if k != "source"} for r in result["rows"]] == measured
+    assert {(r["model"], r["source"]) for r in result["rows"]} == {
+        ("id-00000000", "here.json"),
+        ("id-00000001", "there.json"),
+    }
+    assert result["settings"]["models"] == ["id-00000000", "id-00000001"]
+    assert {s["models"] for s in result["summaries"]["all"]} == {2}
+    assert joined.with_suffix(".png").is_file()
+    capsys.readouterr()
+
+    def error(*extra):
+        return _error(args("--out", str(tmp_path / "other.json"), *extra))
+
+    assert "id-00000000 measured twice" in error("--merge", str(here), str(here))
+    assert "other settings (num_samples)" in error("--num_samples", "4", "--merge", str(here))
+    assert "not a readable result" in error("--merge", str(tmp_path / "missing.json"))
+    payload = json.loads(here.read_text())
+    payload["rows"][0]["fingerprint"] = "another-model"
+    (tmp_path / "rebuilt.json").write_text(json.dumps(payload))
+    assert "id-00000000 changed since" in error("--merge", str(tmp_path / "rebuilt.json"))
+    payload = json.loads(here.read_text())
+    payload["rows"][0]["model"] = "id-00000077"
+    (tmp_path / "foreign.json").write_text(json.dumps(payload))
+    assert "holds id-00000077, which --round does not" in error("--merge", str(tmp_path / "foreign.json"))
+    assert "need --out" in _error(args("--merge", str(here)))
 
 
 def _error(argv: list[str]) -> str:
