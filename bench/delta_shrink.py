@@ -6,8 +6,15 @@ which is what merging the Trojan with its base at weight ``1 - c`` gives. It is 
 bound for any method that can see ``dW`` (a reference model of the same base), not a
 mitigation: ``mitigate`` never sees ``dW``.
 
+``--references`` asks the realistic question: the reference is not the base but another
+fine-tune of it, a farm clean fine-tune (as the clean models of NIST's
+``--round_training_dataset_dirpath`` would be). Merging with it at weight ``1 - c`` gives
+``c W + (1 - c) W_ref = W_base + c dW + (1 - c) dW_ref``: the Trojan shrinks as before, and
+part of an unrelated benign change comes in.
+
     OMP_NUM_THREADS=1 python bench/delta_shrink.py --farm ~/farm-v1 --round ~/farm-v1-val \\
-        --models id-00000000 id-00000046 --out bench/results/delta_shrink_cpu.json
+        --models id-00000000 id-00000046 --out bench/results/delta_shrink_cpu.json \\
+        [--references id-00000041 id-00000060]
 
 Only train/validation models are for looking at (a test-split model is refused).
 """
@@ -30,13 +37,27 @@ from telelora.lab import evaluate, farm  # noqa: E402
 
 
 @torch.no_grad()
-def shrunk(model_dir: Path, factors: dict, c: float) -> torch.nn.Module:
-    """The merged Trojan of ``model_dir`` with its change ``B A`` scaled by ``c``."""
+def shrunk(model_dir: Path, factors: dict, c: float, reference: dict | None = None) -> torch.nn.Module:
+    """The merged Trojan of ``model_dir`` with its change ``B A`` scaled by ``c``; with the
+    factors of a ``reference`` fine-tune of the same base, merged with that at weight ``1 - c``."""
     model = modelio.load_model(model_dir, torch.device("cpu"), torch.float32)
     params = dict(model.named_parameters())
     for name, (a, b) in factors.items():
         params[name] -= (1 - c) * (b.float() @ a.float())
+    for name, (a, b) in (reference or {}).items():
+        params[name] += (1 - c) * (b.float() @ a.float())
     return model
+
+
+def _built(farm_dir: Path, planned: dict, model_id: str, kind: str, flag: str):
+    """The farm model ``model_id`` of ``kind``, built and not of the test split."""
+    record = farm.finished_record(farm_dir / "models" / model_id)
+    if model_id not in planned or planned[model_id].kind != kind or record is None or not record["passed"]:
+        label = {"trojan": "Trojan", "clean_finetune": "clean fine-tune"}[kind]
+        raise TeleLoRAError(f"{flag} {model_id}: not a built {label} of {farm_dir}")
+    if planned[model_id].split == "test":
+        raise TeleLoRAError(f"{flag} {model_id} is a test-split model: only train/validation are looked at")
+    return planned[model_id]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -45,6 +66,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--round", type=Path, required=True, help="the split's materialised round folder")
     parser.add_argument("--models", nargs="+", required=True, help="Trojans of the train/validation split")
     parser.add_argument("--factors", type=float, nargs="+", default=[1.0, 0.5, 0.25])
+    parser.add_argument(
+        "--references", nargs="+", default=[], help="clean fine-tunes (train/validation) to merge with, one per base"
+    )
     parser.add_argument("--num_samples", type=int, default=24, help="clean and triggered prompts per model")
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--out", type=Path)
@@ -54,22 +78,31 @@ def main(argv: list[str] | None = None) -> None:
     try:
         spec = farm.load_spec(args.farm / "farm_spec.json")
         planned = {m.model_id: m for m in farm.plan(spec)}
+        references = {}
+        for model_id in args.references:
+            base = _built(args.farm, planned, model_id, "clean_finetune", "--references").base
+            if base in references:
+                raise TeleLoRAError(f"--references: {references[base]} and {model_id} are both of base {base}")
+            references[base] = model_id
         rows = []
         for model_id in args.models:
-            record = farm.finished_record(args.farm / "models" / model_id)
-            if model_id not in planned or not planned[model_id].poisoned or record is None or not record["passed"]:
-                raise TeleLoRAError(f"--models {model_id}: not a built Trojan of {args.farm}")
-            if planned[model_id].split == "test":
-                raise TeleLoRAError(f"--models {model_id} is a test-split model: only train/validation are looked at")
+            base = _built(args.farm, planned, model_id, "trojan", "--models").base
+            if args.references and base not in references:
+                raise TeleLoRAError(f"--references: none is of base {base}, the base of {model_id}")
+            reference_id = references.get(base)
+            reference = farm.load_delta(args.farm / "models" / reference_id / farm.DELTA_FILE) if reference_id else None
             folder = args.round / "models" / model_id
             modelio.check_model_dir(folder)
             tokenizer = modelio.load_tokenizer(folder)
             prompts = evaluate.load_prompts(folder / "test-example-data" / "prompts.json")
             factors = farm.load_delta(args.farm / "models" / model_id / farm.DELTA_FILE)
             for c in args.factors:
-                model = shrunk(folder, factors, c)
+                model = shrunk(folder, factors, c, reference)
                 figures = evaluate.evaluate(model, tokenizer, prompts, [], args.num_samples, args.batch_size)
-                rows.append({"model": model_id, "behaviour": planned[model_id].behaviour, "c": c, **figures})
+                rows.append(
+                    {"model": model_id, "behaviour": planned[model_id].behaviour, "reference": reference_id, "c": c,
+                     **figures}
+                )  # fmt: skip
                 print(f"{model_id} c={c:g}: ASR {figures['asr']:.3f}, agreement {figures['agreement']:.3f}", flush=True)
     except TeleLoRAError as err:
         raise SystemExit(f"error: {err}") from None
