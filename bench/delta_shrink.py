@@ -42,10 +42,9 @@ def shrunk(model_dir: Path, factors: dict, c: float, reference: dict | None = No
     factors of a ``reference`` fine-tune of the same base, merged with that at weight ``1 - c``."""
     model = modelio.load_model(model_dir, torch.device("cpu"), torch.float32)
     params = dict(model.named_parameters())
-    for name, (a, b) in factors.items():
-        params[name] -= (1 - c) * (b.float() @ a.float())
-    for name, (a, b) in (reference or {}).items():
-        params[name] += (1 - c) * (b.float() @ a.float())
+    for sign, change in ((-1.0, factors), (1.0, reference or {})):
+        for name, (a, b) in change.items():
+            params[name] += sign * (1 - c) * (b.float() @ a.float())
     return model
 
 
@@ -82,15 +81,14 @@ def main(argv: list[str] | None = None) -> None:
         for model_id in args.references:
             base = _built(args.farm, planned, model_id, "clean_finetune", "--references").base
             if base in references:
-                raise TeleLoRAError(f"--references: {references[base]} and {model_id} are both of base {base}")
-            references[base] = model_id
+                raise TeleLoRAError(f"--references: {references[base][0]} and {model_id} are both of base {base}")
+            references[base] = model_id, farm.load_delta(args.farm / "models" / model_id / farm.DELTA_FILE)
         rows = []
         for model_id in args.models:
             base = _built(args.farm, planned, model_id, "trojan", "--models").base
             if args.references and base not in references:
                 raise TeleLoRAError(f"--references: none is of base {base}, the base of {model_id}")
-            reference_id = references.get(base)
-            reference = farm.load_delta(args.farm / "models" / reference_id / farm.DELTA_FILE) if reference_id else None
+            reference_id, reference = references.get(base, (None, None))
             folder = args.round / "models" / model_id
             modelio.check_model_dir(folder)
             tokenizer = modelio.load_tokenizer(folder)

@@ -381,14 +381,14 @@ def _comparable(settings: dict, meta: dict, anywhere: bool) -> dict:
 
 
 def finished_rows(
-    path: Path | None, settings: dict, meta: dict, subjects: list[RoundModel], flag: str = "--resume"
+    path: Path | None, settings: dict, meta: dict, subjects: list[RoundModel], merge: bool = False
 ) -> list[dict]:
     """The rows of ``path`` from an earlier run with the same settings, learned parameters and
     the metaparameters ``mitigate`` reads (meta-training's own may differ): every model whose
     methods were all measured (a model is written only once all of them are), each still the
     model it was (same fingerprint) among ``subjects``. ``--merge`` (a run made elsewhere)
     also lets where it ran differ, and needs every one of its models among ``subjects``."""
-    merge = flag == "--merge"
+    flag = "--merge" if merge else "--resume"
     if path is None or (not merge and not path.is_file()):
         return []
     try:
@@ -468,7 +468,7 @@ def main(argv: list[str] | None = None) -> None:
         rows = finished_rows(args.out, settings, meta.to_dict(), subjects) if args.resume else []
         everything = select_models(args.round, None, None) if args.merge else []
         for path in args.merge:
-            merged = finished_rows(path, settings, meta.to_dict(), everything, flag="--merge")
+            merged = finished_rows(path, settings, meta.to_dict(), everything, merge=True)
             twice = sorted({r["model"] for r in merged} & {r["model"] for r in rows})
             if twice:
                 raise TeleLoRAError(f"--merge: {', '.join(twice)} measured twice (in {path} too)")
