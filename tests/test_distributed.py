@@ -3,6 +3,7 @@
 import json
 import os
 import socket
+import warnings
 from pathlib import Path
 
 import pytest
@@ -32,6 +33,39 @@ def _torchrun_env(rank: int, world_size: int, port: int) -> None:
     os.environ.update(
         RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
     )
+
+
+def _finishing(rank: int, out: str, worker, *args) -> None:
+    """Run ``worker`` as rank ``rank`` with its stderr in ``out/stderr{rank}.txt``, and mark
+    that it returned (``out/finished{rank}``): the evidence :func:`_spawn` reads."""
+    with open(os.path.join(out, f"stderr{rank}.txt"), "a") as log:
+        os.dup2(log.fileno(), 2)
+        worker(rank, *args)
+        Path(out, f"finished{rank}").touch()
+
+
+def _spawn(out: Path, worker, *args) -> None:
+    """``mp.spawn`` two ranks of ``worker``; a rank that fails shows its stderr.
+
+    One failure is tolerated, with a warning: gloo aborting a process (SIGABRT) during
+    interpreter teardown *after* the rank's own code returned, its group closed (seen once
+    on a loaded CI machine, never in 10 local runs). Everything the test checks was written
+    by then; an abort anywhere earlier fails the test."""
+    out.mkdir(parents=True, exist_ok=True)
+    for rank in range(2):
+        (out / f"finished{rank}").unlink(missing_ok=True)
+    try:
+        mp.spawn(_finishing, args=(str(out), worker, *args), nprocs=2, join=True)
+    except mp.ProcessExitedException as err:
+        if err.signal_name == "SIGABRT" and (out / f"finished{err.error_index}").exists():
+            warnings.warn(f"rank {err.error_index} aborted in teardown after finishing: {err}", stacklevel=2)
+            return
+        logs = "\n".join(
+            f"--- rank {r} stderr:\n{(out / f'stderr{r}.txt').read_text()[-4000:]}"
+            for r in range(2)
+            if (out / f"stderr{r}.txt").exists()
+        )
+        raise AssertionError(f"{err}\n{logs}") from err
 
 
 def _prepared(model_dir, meta, scratch):
@@ -86,7 +120,7 @@ def test_two_gloo_ranks_hold_identical_generators_equal_to_one_process(tmp_path,
     meta = metaparameters.load(meta_path, REPO / "metaparameters_schema.json")
     model_dirs = [str(tiny_models[arch]) for arch in ARCHS]
     prepared = [_prepared(d, meta, tmp_path) for d in model_dirs]
-    mp.spawn(_rank_worker, args=(2, _free_port(), model_dirs, str(meta_path), str(tmp_path)), nprocs=2, join=True)
+    _spawn(tmp_path, _rank_worker, 2, _free_port(), model_dirs, str(meta_path), str(tmp_path))
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     assert all(torch.equal(ranks[0][k], ranks[1][k]) for k in ranks[0])
     for r in range(2):
@@ -150,7 +184,7 @@ def test_configure_under_two_processes_trains_each_rank_on_its_share(tmp_path, t
     meta_path = write_meta(tmp_path / "meta.json", train_iterations=2)
     out = tmp_path / "learned"
     argv = _configure_argv(meta_path, [str(tiny_models[arch]) for arch in ARCHS], out, tmp_path / "scratch")
-    mp.spawn(_cli_worker, args=(2, _free_port(), argv), nprocs=2, join=True)
+    _spawn(tmp_path, _cli_worker, 2, _free_port(), argv)
     provenance = json.loads((out / "generators.json").read_text())["provenance"]
     assert provenance["processes"] == 2
     assert sorted(m["architecture"] for m in provenance["trained_on"]) == ["Phi3ForCausalLM", "Qwen2ForCausalLM"]
@@ -165,13 +199,13 @@ def test_two_processes_resume_after_a_crash_where_an_uninterrupted_run_ends(tmp_
     model_dirs = [str(tiny_models[arch]) for arch in ARCHS]
     flags = ("--checkpoint_interval", "2")
     full = _configure_argv(meta_path, model_dirs, tmp_path / "a" / "learned", tmp_path / "a" / "scratch", *flags)
-    mp.spawn(_cli_worker, args=(2, _free_port(), full), nprocs=2, join=True)
+    _spawn(tmp_path / "a", _cli_worker, 2, _free_port(), full)
 
     run = _configure_argv(meta_path, model_dirs, tmp_path / "b" / "learned", tmp_path / "b" / "scratch", *flags)
     with pytest.raises(mp.ProcessRaisedException, match="_Crash"):  # steps 0-2 done, checkpoint at 2
         mp.spawn(_cli_worker, args=(2, _free_port(), run, 3), nprocs=2, join=True)
     assert not (tmp_path / "b" / "learned").exists()
-    mp.spawn(_cli_worker, args=(2, _free_port(), [*run, "--resume"]), nprocs=2, join=True)
+    _spawn(tmp_path / "b", _cli_worker, 2, _free_port(), [*run, "--resume"])
 
     a, b = (load_file(str(tmp_path / r / "learned" / "generators.safetensors")) for r in "ab")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
