@@ -51,7 +51,8 @@ def build_parser() -> tuple[ArgumentParser, dict[str, ArgumentParser]]:
         "--round_training_dataset_dirpath",
         type=str,
         default=None,
-        help="accepted for the NIST harness; zero-shot mitigation does not read it",
+        help="the training round's models (ground truth included): mitigate merges toward the first clean one of "
+        "the input's model_architecture (metaparameter reference_weight); without one it runs the generators",
     )
     mitigate.add_argument(
         "--peft_dirpath", type=str, default=None, help="also export the merged change as a PEFT LoRA here"
@@ -184,6 +185,7 @@ def _mitigate(opts, meta) -> int:
         opts.learned_parameters_dirpath,
         opts.trust_remote_code,
         opts.peft_dirpath,
+        opts.round_training_dataset_dirpath,
     )
     if not report.mitigated:
         print(

@@ -52,6 +52,7 @@ class Metaparameters:
     guard_prompts: int
     guard_answer_tokens: int
     guard_layer_factor: float
+    reference_weight: float
     seed: int
 
     def to_dict(self) -> dict:

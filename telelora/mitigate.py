@@ -1,5 +1,8 @@
-"""Zero-shot mitigation: reference activations -> generated adapters -> guarded change -> weights.
+"""Mitigation: a merge toward a clean reference model when the round gives one, else zero-shot
+generation: reference activations -> generated adapters -> guarded change -> weights.
 
+``telelora.reference`` finds the clean model and merges (the first choice when NIST passes
+``--round_training_dataset_dirpath``; ``reference_weight`` 0 turns it off). Otherwise
 ``plan_mitigation`` runs K steps; each recomputes the activations of the model as changed
 so far, generates one adapter per layer and composes ``W <- W (I + alpha V^T U)``; the drift
 guard (``telelora.guard``) bounds the result. ``run`` is the NIST job around it: it checks
@@ -10,6 +13,7 @@ its inputs before loading anything, and once they pass it *always* leaves a load
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import time
@@ -18,7 +22,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from telelora import activations, guard, modelio
+from telelora import activations, guard, modelio, reference
 from telelora.adapters import Adapter, LowRankDelta, export_peft
 from telelora.architectures import AdaptedLayer, find_adapted_layers
 from telelora.errors import TeleLoRAError
@@ -147,6 +151,9 @@ class MitigationReport:
     mitigated: bool
     reason: str
     model_architecture: str | None
+    method: str = "generators"  # or "reference_merge"
+    reference_model: str | None = None
+    reference_weight: float | None = None
     num_layers_adapted: int = 0
     device: str | None = None
     compute_dtype: str | None = None
@@ -156,6 +163,22 @@ class MitigationReport:
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2)
+
+
+def _save_reference_merge(
+    model_dir: Path, output_dir: Path, reference_dir: Path, weight: float, report: MitigationReport, exclude
+) -> None:
+    """Write the input with every floating-point weight merged toward the reference (read from
+    disk tensor by tensor: no model is built, so this costs about one copy of the checkpoint)."""
+    names = reference.floating_shapes(model_dir)
+    with reference.open_reference(reference_dir) as tensor:
+        changes = {name: functools.partial(_merged, tensor, name, weight) for name in names}
+        report.mitigated, report.reason = True, "mitigated"
+        modelio.save_mitigated(model_dir, output_dir, changes, {REPORT_FILE: report.to_json()}, exclude)
+
+
+def _merged(tensor, name: str, weight: float, stored: torch.Tensor) -> torch.Tensor:
+    return reference.interpolate(stored, tensor(name), weight)
 
 
 UNFINISHED = (
@@ -171,6 +194,7 @@ def run(
     learned_dir: str | Path,
     trust_remote_code: bool = False,
     peft_dir: str | Path | None = None,
+    round_training_dir: str | Path | None = None,
 ) -> MitigationReport:
     """The ``mitigate`` job. Raises :class:`TeleLoRAError` only for bad input, before anything
     is written.
@@ -201,8 +225,19 @@ def run(
         exclude.append(Path(peft_dir))
     architecture = modelio.round_config(model_dir).get("model_architecture")
     tokenizer = modelio.load_tokenizer(model_dir, trust_remote_code)
+    reference_dir = None
+    if round_training_dir is not None and meta.reference_weight > 0:
+        reference_dir = reference.find_reference(Path(round_training_dir), model_dir)
+        if reference_dir is not None and peft_dir is not None:
+            raise TeleLoRAError(
+                f"--peft_dirpath exports a low-rank change, but the merge toward {reference_dir} changes every "
+                "weight in full: drop --peft_dirpath, or --round_training_dataset_dirpath, or set reference_weight 0"
+            )
 
     report = MitigationReport(mitigated=False, reason=UNFINISHED, model_architecture=architecture, seconds=seconds)
+    if reference_dir is not None:
+        report.method, report.reference_model = "reference_merge", str(reference_dir)
+        report.reference_weight = meta.reference_weight
     try:
         modelio.copy_model_files(model_dir, output_dir, {REPORT_FILE: report.to_json()}, exclude=exclude)
     except OSError as err:
@@ -211,6 +246,11 @@ def run(
 
     mitigation = None
     try:
+        if reference_dir is not None:
+            _save_reference_merge(model_dir, output_dir, reference_dir, meta.reference_weight, report, exclude)
+            lap("merge_and_save")
+            log.info("wrote %s (merged toward %s; seconds %s)", output_dir, reference_dir, seconds)
+            return report
         device, dtype = modelio.pick_device_dtype(meta.device, meta.dtype, model_dir)
         report.device, report.compute_dtype = str(device), str(dtype).removeprefix("torch.")
         model = modelio.load_model(model_dir, device, dtype, trust_remote_code)
@@ -226,7 +266,7 @@ def run(
         lap("mitigate")
         changed = [layer for layer in mitigation.layers if layer.name in mitigation.delta.factors]
         names = modelio.checkpoint_names(model_dir, {f"{x.name}.weight": tuple(x.module.weight.shape) for x in changed})
-        changes = {names[f"{x.name}.weight"]: mitigation.delta.factors[x.name] for x in changed}
+        changes = {names[f"{x.name}.weight"]: modelio.add_low_rank(*mitigation.delta.factors[x.name]) for x in changed}
         report.mitigated, report.reason = True, "mitigated"
         modelio.save_mitigated(model_dir, output_dir, changes, {REPORT_FILE: report.to_json()}, exclude)
         lap("save")

@@ -300,6 +300,11 @@ def copy_model_files(
             (staging / name).write_text(text)
 
 
+def add_low_rank(a: torch.Tensor, b: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The change ``W -> W + B A`` (float32 arithmetic on the CPU) for :func:`save_mitigated`."""
+    return lambda stored: stored.float() + b.float().cpu() @ a.float().cpu()
+
+
 def checkpoint_names(model_dir: Path, weights: dict[str, tuple[int, ...]]) -> dict[str, str]:
     """The checkpoint tensor name of each model weight (``{parameter name: shape}``).
 
@@ -327,18 +332,19 @@ def checkpoint_names(model_dir: Path, weights: dict[str, tuple[int, ...]]) -> di
 def save_mitigated(
     model_dir: Path,
     output_dir: Path,
-    changes: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    changes: dict[str, Callable[[torch.Tensor], torch.Tensor]],
     extra_files: dict[str, str] | None = None,
     exclude: list[Path] | None = None,
 ) -> None:
-    """Publish the input folder with ``W + B A`` written into the changed weights.
+    """Publish the input folder with the changed weights rewritten.
 
-    ``changes`` maps checkpoint tensor names to float32 ``(A, B)``. Every other file is
-    copied byte for byte (config, generation config, tokenizer, chat template, round
-    files...), so the output loads the way the input does with any transformers version;
-    each changed shard keeps its file name, tensor names, dtypes and metadata, and the
-    index is copied as it is. The change is added to the weights as stored (float32
-    arithmetic, one rounding to the stored dtype), one shard in memory at a time."""
+    ``changes`` maps checkpoint tensor names to a function of the weight as stored that
+    returns the new weight (in float32: :func:`add_low_rank` or a merge with a reference
+    model). Every other file is copied byte for byte (config, generation config,
+    tokenizer, chat template, round files...), so the output loads the way the input does
+    with any transformers version; each changed shard keeps its file name, tensor names,
+    dtypes and metadata, and the index is copied as it is. One rounding to the stored
+    dtype, one shard in memory at a time."""
     files = weight_files(model_dir)
     with staged_dir(output_dir) as staging:
         _copy_entries(
@@ -354,12 +360,11 @@ def save_mitigated(
                 tensors = {key: f.get_tensor(key) for key in keys}
             for key in keys:
                 if key in remaining:
-                    a, b = remaining.pop(key)
                     stored = tensors[key]
-                    merged = stored.float() + b.float().cpu() @ a.float().cpu()
-                    if not torch.isfinite(merged).all():
+                    changed = remaining.pop(key)(stored)
+                    if not torch.isfinite(changed).all():
                         raise FloatingPointError(f"the mitigated {key} is not finite")
-                    tensors[key] = merged.to(stored.dtype).contiguous()
+                    tensors[key] = changed.to(stored.dtype).contiguous()
             save_file(tensors, str(staging / file.name), metadata=metadata)
             del tensors
         if remaining:

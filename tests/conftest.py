@@ -41,6 +41,7 @@ SMALL_META = {
     "guard_prompts": 4,
     "guard_answer_tokens": 4,
     "guard_layer_factor": 0.0,
+    "reference_weight": 0.5,
     "seed": 7,
 }
 

@@ -122,7 +122,9 @@ def test_checkpoint_names_match_exactly_or_by_unique_suffix(round_like_models):
 def test_save_mitigated_refuses_a_change_to_a_missing_tensor(round_like_models, tmp_path):
     a, b = torch.zeros(2, 64), torch.zeros(64, 2)
     with pytest.raises(TeleLoRAError, match="holds no tensors named"):
-        modelio.save_mitigated(round_like_models["gemma2"], tmp_path / "out", {"model.nothing.weight": (a, b)})
+        modelio.save_mitigated(
+            round_like_models["gemma2"], tmp_path / "out", {"model.nothing.weight": modelio.add_low_rank(a, b)}
+        )
     assert not (tmp_path / "out").exists()
 
 

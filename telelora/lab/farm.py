@@ -627,7 +627,7 @@ def write_weights(base_dir: Path, folder: Path, factors: dict[str, tuple[torch.T
     """The base folder with ``W + B A`` merged into the changed weights, published atomically."""
     weights = {name: (b.shape[0], a.shape[1]) for name, (a, b) in factors.items()}
     names = modelio.checkpoint_names(base_dir, weights)
-    changes = {names[n]: (a.float(), b.float()) for n, (a, b) in factors.items()}
+    changes = {names[n]: modelio.add_low_rank(a, b) for n, (a, b) in factors.items()}
     modelio.save_mitigated(base_dir, folder, changes)
 
 

@@ -1,0 +1,200 @@
+"""The merge toward a clean reference model: which model is chosen, the exact merged weights
+(in the written checkpoint and in memory), the fallback to the generators, bad input."""
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from telelora import cli, mitigate, modelio, reference
+from telelora.errors import TeleLoRAError
+from telelora.lab import tiny
+
+from .conftest import write_meta
+from .test_mitigate import _digest, _nist_args
+
+
+def _label(folder: Path, truth: str | None) -> Path:
+    if truth is not None:
+        (folder / "ground_truth.csv").write_text(truth + "\n")
+    return folder
+
+
+def _claim(folder: Path, architecture: str) -> Path:
+    """Say in ``round_config.json`` that the folder is a fine-tune of ``architecture``."""
+    config = json.loads((folder / "round_config.json").read_text())
+    (folder / "round_config.json").write_text(json.dumps({**config, "model_architecture": architecture}))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def training_round(tmp_path_factory) -> Path:
+    """A training round for tiny llama inputs. Sorted by name: a poisoned llama, an unlabelled
+    llama, a clean qwen2 claiming to be llama (other tensors), a clean mistral, then the one
+    clean llama (``id-5``) and a second clean llama (``id-6``) that comes after it."""
+    models = tmp_path_factory.mktemp("training-round") / "models"
+    _label(tiny.build("llama", models / "id-1", seed=11), "1")
+    _label(tiny.build("llama", models / "id-2", seed=12), None)
+    _label(_claim(tiny.build("qwen2", models / "id-3", seed=13), "telelora-tiny/llama"), "0")
+    _label(tiny.build("mistral", models / "id-4", seed=14), "0")
+    _label(tiny.build("llama", models / "id-5", seed=15), "0")
+    _label(tiny.build("llama", models / "id-6", seed=16), "0")
+    return models.parent
+
+
+def test_interpolate_is_the_weighted_mean_in_float32():
+    w, ref = torch.randn(4, 3).bfloat16(), torch.randn(4, 3)
+    assert torch.equal(reference.interpolate(w, ref, 0.0), w.float())
+    assert torch.equal(reference.interpolate(w, ref, 1.0), ref)
+    assert torch.allclose(reference.interpolate(w, ref, 0.25), 0.75 * w.float() + 0.25 * ref)
+    assert reference.interpolate(w, ref, 0.5).dtype == torch.float32
+
+
+def test_the_first_clean_model_of_the_same_architecture_and_tensors_is_chosen(training_round, tiny_models, caplog):
+    with caplog.at_level(logging.WARNING):
+        chosen = reference.find_reference(training_round, tiny_models["llama"])
+    assert chosen == training_round / "models" / "id-5"
+    assert "id-3 differs in" in caplog.text  # the qwen2 claiming to be llama
+    # the round's models/ folder itself works too
+    assert reference.find_reference(training_round / "models", tiny_models["llama"]) == chosen
+
+
+def test_the_input_itself_is_never_its_own_reference(training_round):
+    own = training_round / "models" / "id-5"
+    assert reference.find_reference(training_round, own) == training_round / "models" / "id-6"
+
+
+def test_no_reference_without_a_clean_model_of_the_architecture(training_round, tiny_models, caplog):
+    with caplog.at_level(logging.WARNING):
+        assert reference.find_reference(training_round, tiny_models["phi3"]) is None
+    assert "no clean telelora-tiny/phi3" in caplog.text
+
+
+def test_an_input_without_architecture_gets_no_reference(training_round, tiny_models, tmp_path, caplog):
+    folder = Path(shutil.copytree(tiny_models["llama"], tmp_path / "anonymous"))
+    for name in ("round_config.json", "reduced-config.json"):
+        (folder / name).unlink()
+    with caplog.at_level(logging.WARNING):
+        assert reference.find_reference(training_round, folder) is None
+    assert "names no model_architecture" in caplog.text
+
+
+def test_an_unreadable_candidate_is_skipped(tiny_models, tmp_path, caplog):
+    models = tmp_path / "round" / "models"
+    broken = _label(Path(shutil.copytree(tiny_models["llama"], models / "id-1")), "0")
+    (broken / "model.safetensors").write_bytes(b"not safetensors")
+    good = _label(Path(shutil.copytree(tiny_models["llama"], models / "id-2")), "0")
+    with caplog.at_level(logging.WARNING):
+        assert reference.find_reference(models.parent, tiny_models["mistral"]) is None
+        assert reference.find_reference(models.parent, tiny_models["llama"]) == good
+    assert "id-1 is unreadable" in caplog.text
+
+
+def test_a_missing_round_folder_is_one_clear_error(tiny_models, tmp_path):
+    with pytest.raises(TeleLoRAError, match="is not a folder"):
+        reference.find_reference(tmp_path / "nowhere", tiny_models["llama"])
+
+
+@pytest.mark.parametrize("weight", [0.5, 0.25])
+def test_mitigate_writes_the_merge_toward_the_reference(tmp_path, model_copy, learned_dir, training_round, weight):
+    model_dir = model_copy("llama")
+    before = _digest(model_dir)
+    meta = write_meta(tmp_path / "meta.json", reference_weight=weight)
+    output = model_dir / "output"
+    argv = _nist_args(model_dir, output, meta, learned_dir, tmp_path, "--round_training_dataset_dirpath",
+                      str(training_round))  # fmt: skip
+    assert cli.main(argv) == 0
+    assert _digest(model_dir) == before
+    report = json.loads((output / mitigate.REPORT_FILE).read_text())
+    assert report["mitigated"] and report["method"] == "reference_merge"
+    assert report["reference_model"] == str(training_round / "models" / "id-5") and report["reference_weight"] == weight
+
+    mine, theirs = (
+        load_file(str(model_dir / "model.safetensors")),
+        load_file(str(training_round / "models" / "id-5" / "model.safetensors")),
+    )
+    merged = load_file(str(output / "model.safetensors"))
+    assert merged.keys() == mine.keys()
+    for key, value in mine.items():
+        expected = ((1 - weight) * value.float() + weight * theirs[key].float()).to(value.dtype)
+        assert torch.allclose(merged[key], expected, atol=1e-6), key
+    AutoModelForCausalLM.from_pretrained(output)
+    AutoTokenizer.from_pretrained(output)
+
+
+def test_in_memory_merge_equals_the_written_one(tmp_path, model_copy, learned_dir, training_round):
+    model_dir = model_copy("llama")
+    output = tmp_path / "output"
+    argv = _nist_args(model_dir, output, write_meta(tmp_path / "meta.json"), learned_dir, tmp_path,
+                      "--round_training_dataset_dirpath", str(training_round))  # fmt: skip
+    assert cli.main(argv) == 0
+    model = modelio.load_model(model_dir, torch.device("cpu"), torch.float32)
+    count = reference.merge_into(model, model_dir, training_round / "models" / "id-5", 0.5)
+    written = modelio.load_model(output, torch.device("cpu"), torch.float32)
+    assert count == len(list(model.parameters()))
+    for (name, a), (_, b) in zip(model.named_parameters(), written.named_parameters(), strict=True):
+        assert torch.allclose(a, b, atol=1e-6), name
+
+
+def test_round_like_bf16_shards_merge_shard_by_shard(tmp_path, learned_dir):
+    """Sharded bf16 checkpoints with an index, as the round's: every shard is rewritten in
+    its own name and dtype, the index copied."""
+    inputs = tmp_path / "in"
+    model_dir = tiny.build_round_like("gemma2", inputs / "trojan", seed=1)
+    clean = _label(tiny.build_round_like("gemma2", tmp_path / "round" / "models" / "id-9", seed=2), "0")
+    output = tmp_path / "output"
+    argv = _nist_args(model_dir, output, write_meta(tmp_path / "meta.json"), learned_dir, tmp_path,
+                      "--round_training_dataset_dirpath", str(tmp_path / "round"))  # fmt: skip
+    assert cli.main(argv) == 0
+    assert (output / "model.safetensors.index.json").read_bytes() == (
+        model_dir / "model.safetensors.index.json"
+    ).read_bytes()
+    for shard in modelio.weight_files(model_dir):
+        mine, theirs, merged = (load_file(str(d / shard.name)) for d in (model_dir, clean, output))
+        for key, value in mine.items():
+            assert merged[key].dtype == value.dtype == torch.bfloat16
+            expected = (0.5 * value.float() + 0.5 * theirs[key].float()).bfloat16()
+            assert torch.equal(merged[key], expected), key
+
+
+def test_reference_weight_zero_runs_the_generators(tmp_path, model_copy, learned_dir, training_round):
+    model_dir = model_copy("llama")
+    argv = _nist_args(model_dir, tmp_path / "out", write_meta(tmp_path / "meta.json", reference_weight=0.0),
+                      learned_dir, tmp_path, "--round_training_dataset_dirpath", str(training_round))  # fmt: skip
+    assert cli.main(argv) == 0
+    report = json.loads((tmp_path / "out" / mitigate.REPORT_FILE).read_text())
+    assert report["mitigated"] and report["method"] == "generators" and report["reference_model"] is None
+
+
+def test_no_reference_in_the_round_falls_back_to_the_generators(tmp_path, model_copy, learned_dir, training_round):
+    model_dir = model_copy("phi3")
+    argv = _nist_args(model_dir, tmp_path / "out", write_meta(tmp_path / "meta.json"), learned_dir, tmp_path,
+                      "--round_training_dataset_dirpath", str(training_round))  # fmt: skip
+    assert cli.main(argv) == 0
+    report = json.loads((tmp_path / "out" / mitigate.REPORT_FILE).read_text())
+    assert report["mitigated"] and report["method"] == "generators" and report["num_layers_adapted"] > 0
+
+
+def test_peft_export_with_a_reference_is_refused_before_writing(tmp_path, model_copy, learned_dir, training_round,
+                                                                 capsys):  # fmt: skip
+    model_dir = model_copy("llama")
+    argv = _nist_args(model_dir, tmp_path / "out", write_meta(tmp_path / "meta.json"), learned_dir, tmp_path,
+                      "--round_training_dataset_dirpath", str(training_round), "--peft_dirpath",
+                      str(tmp_path / "peft"))  # fmt: skip
+    assert cli.main(argv) != 0
+    assert "changes every weight in full" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "peft").exists()
+
+
+def test_a_missing_round_folder_fails_before_writing(tmp_path, model_copy, learned_dir, capsys):
+    model_dir = model_copy("llama")
+    argv = _nist_args(model_dir, tmp_path / "out", write_meta(tmp_path / "meta.json"), learned_dir, tmp_path,
+                      "--round_training_dataset_dirpath", str(tmp_path / "nowhere"))  # fmt: skip
+    assert cli.main(argv) != 0
+    assert "is not a folder" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
