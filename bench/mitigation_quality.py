@@ -13,7 +13,10 @@ measured on the same prompts and the same MMLU questions:
   as far as TeleLoRA's does (``|X U^T V|`` equal), unguarded: as much change, no knowledge.
   A Trojan it removes as well says the generator learned nothing Trojan-specific;
 * ``embedding_dropout``, ``magnitude_pruning``, ``lora_finetune``: the published baselines
-  of ``telelora.lab.baselines``, once per model (K is for the three methods above).
+  of ``telelora.lab.baselines``, once per model (K is for the three methods above);
+* ``reference_merge``: what ``mitigate`` does when NIST passes the training round: every
+  weight merged toward the first clean model of the same base in ``--reference_round``
+  (``telelora.reference``, ``reference_weight``). Only when asked for, with that round.
 
 ASR, false-trigger rate, agreement, greedy 8-token agreement and MMLU come from ``evaluate``
 (what ``entrypoint.py test`` measures), Fidelity and strict Fidelity from
@@ -55,7 +58,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from telelora import metaparameters, modelio  # noqa: E402
+from telelora import metaparameters, modelio, reference  # noqa: E402
 from telelora.errors import TeleLoRAError  # noqa: E402
 from telelora.io_utils import atomic_write_text  # noqa: E402
 from telelora.lab import evaluate, score  # noqa: E402
@@ -68,8 +71,8 @@ from telelora.texts import Texts  # noqa: E402
 from telelora.texts import load as load_texts  # noqa: E402
 
 GENERATED = ("telelora", "unguarded", "random")  # the methods run once per K
-METHODS = ("none", *GENERATED, *BASELINES)
-DEFAULT_METHODS = [m for m in METHODS if m != "unguarded"]
+METHODS = ("none", *GENERATED, *BASELINES, "reference_merge")
+DEFAULT_METHODS = [m for m in METHODS if m not in ("unguarded", "reference_merge")]
 FACTS = ("kind", "behaviour", "trigger_kind", "split")  # METADATA columns copied into rows when present
 METRICS = {
     "strict_fidelity": "strict Fid",
@@ -169,10 +172,16 @@ def select_models(round_dir: Path, names: list[str] | None, split: str | None) -
     return models
 
 
-def apply_method(method: str, steps: int | None, model, tokenizer, texts: Texts, args, meta) -> dict:
-    """Change ``model`` in place as ``method``; return what to report about the change."""
+def apply_method(
+    method: str, steps: int | None, subject: RoundModel, model, tokenizer, texts: Texts, args, meta
+) -> dict:
+    """Change ``model`` (loaded from ``subject``) in place as ``method``; return what to report about the change."""
     if method == "none":
         return {}
+    if method == "reference_merge":
+        ref = reference.find_reference(args.reference_round, subject.dir)
+        merged = reference.merge_into(model, subject.dir, ref, meta.reference_weight)
+        return {"reference_model": ref.name, "reference_weight": meta.reference_weight, "tensors_merged": merged}
     if method in BASELINES:
         facts = apply_baseline(method, model, tokenizer, texts, meta, meta.seed)
         return {k: v for k, v in facts.items() if k != "seconds"}  # the row's seconds are timed alike for all
@@ -197,7 +206,7 @@ def measure(subject: RoundModel, method: str, steps: int | None, args, meta, tex
     model = modelio.load_model(subject.dir, device, dtype)
     torch.manual_seed(meta.seed)
     start = time.time()
-    details = apply_method(method, steps, model, tokenizer, texts, args, meta)
+    details = apply_method(method, steps, subject, model, tokenizer, texts, args, meta)
     seconds = time.time() - start
     result = evaluate.evaluate(model, tokenizer, subject.prompts, mmlu_rows, args.num_samples, args.batch_size)
     return {**result, "seconds": round(seconds, 2), "details": details}
@@ -354,7 +363,7 @@ def _override(meta, assignments: list[str]):
 SESSION_ARGS = ("out", "resume", "merge", "models", "markdown")  # may differ between a run and its resumption
 # where a run was made, not what it measured: --merge accepts rows that differ in these (paths
 # are compared by content: the learned parameters' digest, the metaparameters themselves)
-WHERE_SETTINGS = ("round", "set", "learned_parameters", "metaparameters")
+WHERE_SETTINGS = ("round", "reference_round", "set", "learned_parameters", "metaparameters")
 WHERE_KNOBS = ("device", "dtype")
 
 
@@ -412,6 +421,19 @@ def finished_rows(
     return [{**r, "source": r.get("source", path.name)} for r in rows] if merge else rows
 
 
+def _check_references(round_dir: Path | None, subjects: list[RoundModel]) -> None:
+    """Every model benched has a reference model in ``--reference_round``, none of them benched too."""
+    if round_dir is None:
+        raise TeleLoRAError("--methods reference_merge needs --reference_round: a training round with clean models")
+    missing = [s.dir.name for s in subjects if reference.find_reference(round_dir, s.dir) is None]
+    if missing:
+        raise TeleLoRAError(f"--reference_round {round_dir} has no clean model to merge {', '.join(missing)} with")
+    benched = {s.dir.resolve() for s in subjects}
+    shared = [d.name for d in reference.round_model_dirs(round_dir) if d.resolve() in benched]
+    if shared:
+        raise TeleLoRAError(f"--reference_round {round_dir} holds models being benched ({', '.join(shared)})")
+
+
 def _check_writable(path: Path) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -430,6 +452,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="metaparameter overrides (JSON)")
     parser.add_argument("--learned_parameters", type=Path, default=REPO_ROOT / "learned_parameters")
     parser.add_argument("--metaparameters", type=Path, default=REPO_ROOT / "metaparameters.json")
+    parser.add_argument(
+        "--reference_round", type=Path, help="reference_merge: a training round (never the split benched)"
+    )
     parser.add_argument("--num_samples", type=int, default=100, help="clean and triggered prompts per model")
     parser.add_argument("--mmlu_questions", type=int, default=300)
     parser.add_argument("--batch_size", type=int, default=16)
@@ -457,6 +482,8 @@ def main(argv: list[str] | None = None) -> None:
         texts = load_texts(args.learned_parameters)
         mmlu_rows = evaluate.mmlu_subset(args.mmlu_questions, texts.mmlu_rows) if args.mmlu_questions else []
         subjects = select_models(args.round, args.models, args.split)
+        if "reference_merge" in args.methods:
+            _check_references(args.reference_round, subjects)
         if args.out:
             _check_writable(args.out)
         settings = {

@@ -211,3 +211,41 @@ def test_bench_bad_inputs_one_error_line_each(tiny_round, learned_dir, meta_file
     assert "no model of" in _error(args("--round", str(split_round), "--split", "test"))
     message = _error(args("--round", str(split_round), "--split", "train", "--models", "id-00000099"))
     assert "(split train)" in message
+
+
+def _training_round(tiny_round: Path, root: Path) -> Path:
+    """A reference round for the tiny round: an unrelated clean tiny llama claiming the Trojaned
+    llama's base, and a copy of the clean qwen2 (merging with it changes nothing)."""
+    from telelora.lab import tiny
+
+    models = root / "models"
+    trojan = json.loads((tiny_round / "models" / "id-00000000" / "round_config.json").read_text())
+    llama = tiny.build("llama", models / "id-clean-llama", seed=5, init_std=None)
+    (llama / "round_config.json").write_text(json.dumps({"model_architecture": trojan["model_architecture"]}))
+    qwen = Path(shutil.copytree(tiny_round / "models" / "id-00000001", models / "id-clean-qwen2"))
+    for folder in (llama, qwen):
+        (folder / "ground_truth.csv").write_text("0\n")
+    return root
+
+
+def test_bench_reference_merge_uses_the_reference_round(tiny_round, learned_dir, meta_file, tmp_path):
+    out = tmp_path / "quality.json"
+    references = _training_round(tiny_round, tmp_path / "training-round")
+    bench.main(_args(tiny_round, learned_dir, meta_file, "--methods", "none", "reference_merge",
+                     "--reference_round", str(references), "--out", str(out)))  # fmt: skip
+    rows = {(r["model"], r["method"]): r for r in json.loads(out.read_text())["rows"]}
+    merged = rows[("id-00000000", "reference_merge")]
+    assert merged["details"]["reference_model"] == "id-clean-llama" and merged["details"]["tensors_merged"] > 0
+    assert merged["agreement"] < 1.0  # half an unrelated model: the answers change
+    unchanged = rows[("id-00000001", "reference_merge")]
+    assert unchanged["details"]["reference_model"] == "id-clean-qwen2"
+    assert unchanged["agreement"] == pytest.approx(1.0)  # merged with its own copy: the same weights
+
+
+def test_bench_reference_merge_bad_inputs(tiny_round, learned_dir, meta_file, tmp_path):
+    def args(*extra):
+        return _args(tiny_round, learned_dir, meta_file, "--methods", "none", "reference_merge", *extra)
+
+    assert "needs --reference_round" in _error(args())
+    assert "has no clean model to merge id-00000000" in _error(args("--reference_round", str(tiny_round)))
+    assert "is not a folder" in _error(args("--reference_round", str(tmp_path / "nowhere")))
