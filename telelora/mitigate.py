@@ -227,7 +227,11 @@ def run(
     tokenizer = modelio.load_tokenizer(model_dir, trust_remote_code)
     reference_dir = None
     if round_training_dir is not None and meta.reference_weight > 0:
-        reference_dir = reference.find_reference(Path(round_training_dir), model_dir)
+        try:  # a round the harness passes that cannot be read must not cost the output
+            reference_dir = reference.find_reference(Path(round_training_dir), model_dir)
+        except Exception as err:
+            log.error("NO REFERENCE MODEL: --round_training_dataset_dirpath cannot be used (%s); "
+                      "running the generators instead", err)  # fmt: skip
         if reference_dir is not None and peft_dir is not None:
             raise TeleLoRAError(
                 f"--peft_dirpath exports a low-rank change, but the merge toward {reference_dir} changes every "

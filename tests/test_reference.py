@@ -191,10 +191,13 @@ def test_peft_export_with_a_reference_is_refused_before_writing(tmp_path, model_
     assert not (tmp_path / "out").exists() and not (tmp_path / "peft").exists()
 
 
-def test_a_missing_round_folder_fails_before_writing(tmp_path, model_copy, learned_dir, capsys):
+def test_an_unusable_round_folder_falls_back_to_the_generators(tmp_path, model_copy, learned_dir, capsys):
+    """The harness's round path is not ours to fix: a bad one costs the merge, never the output."""
     model_dir = model_copy("llama")
     argv = _nist_args(model_dir, tmp_path / "out", write_meta(tmp_path / "meta.json"), learned_dir, tmp_path,
                       "--round_training_dataset_dirpath", str(tmp_path / "nowhere"))  # fmt: skip
-    assert cli.main(argv) != 0
-    assert "is not a folder" in capsys.readouterr().err
-    assert not (tmp_path / "out").exists()
+    assert cli.main(argv) == 0
+    printed = capsys.readouterr().err
+    assert "NO REFERENCE MODEL" in printed and "is not a folder" in printed
+    report = json.loads((tmp_path / "out" / mitigate.REPORT_FILE).read_text())
+    assert report["mitigated"] and report["method"] == "generators"
