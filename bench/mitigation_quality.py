@@ -429,7 +429,7 @@ def _check_references(round_dir: Path | None, subjects: list[RoundModel]) -> Non
     if missing:
         raise TeleLoRAError(f"--reference_round {round_dir} has no clean model to merge {', '.join(missing)} with")
     benched = {s.dir.resolve() for s in subjects}
-    shared = [d.name for d in reference.round_model_dirs(round_dir) if d.resolve() in benched]
+    shared = [d.name for d in modelio.round_model_dirs(round_dir, "--reference_round") if d.resolve() in benched]
     if shared:
         raise TeleLoRAError(f"--reference_round {round_dir} holds models being benched ({', '.join(shared)})")
 

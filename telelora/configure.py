@@ -81,12 +81,7 @@ def list_model_dirs(
     ``flag`` names the option in errors."""
     dirs: list[Path] = []
     if configure_models_dir:
-        root = Path(configure_models_dir)
-        if not root.is_dir():
-            raise TeleLoRAError(f"{flag} {root} is not a folder")
-        if (root / "models").is_dir():
-            root = root / "models"
-        dirs += sorted(p for p in root.iterdir() if not p.name.startswith(".") and (p / "config.json").is_file())
+        dirs += modelio.round_model_dirs(configure_models_dir, flag)
     dirs += [Path(d) for d in extra_model_dirs or []]
     if not dirs:
         raise TeleLoRAError(

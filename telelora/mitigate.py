@@ -13,7 +13,6 @@ its inputs before loading anything, and once they pass it *always* leaves a load
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import logging
 import time
@@ -170,15 +169,10 @@ def _save_reference_merge(
 ) -> None:
     """Write the input with every floating-point weight merged toward the reference (read from
     disk tensor by tensor: no model is built, so this costs about one copy of the checkpoint)."""
-    names = reference.floating_shapes(model_dir)
     with reference.open_reference(reference_dir) as tensor:
-        changes = {name: functools.partial(_merged, tensor, name, weight) for name in names}
         report.mitigated, report.reason = True, "mitigated"
+        changes = reference.merge_changes(model_dir, tensor, weight)
         modelio.save_mitigated(model_dir, output_dir, changes, {REPORT_FILE: report.to_json()}, exclude)
-
-
-def _merged(tensor, name: str, weight: float, stored: torch.Tensor) -> torch.Tensor:
-    return reference.interpolate(stored, tensor(name), weight)
 
 
 UNFINISHED = (

@@ -66,6 +66,17 @@ def weight_files(model_dir: Path) -> list[Path]:
     )
 
 
+def round_model_dirs(root: str | Path, flag: str) -> list[Path]:
+    """The model folders (those with a ``config.json``) of a round's ``models/`` folder, or of
+    the round folder that holds it, sorted by name; ``flag`` names the option in errors."""
+    root = Path(root)
+    if not root.is_dir():
+        raise TeleLoRAError(f"{flag} {root} is not a folder")
+    if (root / "models").is_dir():
+        root = root / "models"
+    return sorted(p for p in root.iterdir() if not p.name.startswith(".") and (p / "config.json").is_file())
+
+
 def check_model_dir(model_dir: Path) -> dict:
     """Validate the folder's config and weight files; return the parsed config."""
     config_path = model_dir / "config.json"
@@ -101,7 +112,7 @@ def round_config(model_dir: Path) -> dict:
     return {}
 
 
-_SAFETENSORS_FLOATS = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
+SAFETENSORS_FLOATS = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 NO_GPU_WARNING = (
     "NO GPU IS VISIBLE although the metaparameters ask for one (device: cuda): running on the CPU, "
@@ -127,8 +138,8 @@ def checkpoint_summary(model_dir: Path) -> tuple[torch.dtype | None, int]:
     for dtype, shape in tensor_headers(model_dir).values():
         elements[dtype] = elements.get(dtype, 0) + math.prod(shape)
     size = sum(file.stat().st_size for file in weight_files(model_dir))
-    floating = {k: v for k, v in elements.items() if k in _SAFETENSORS_FLOATS}
-    stored = _SAFETENSORS_FLOATS[max(floating, key=floating.__getitem__)] if floating else None
+    floating = {k: v for k, v in elements.items() if k in SAFETENSORS_FLOATS}
+    stored = SAFETENSORS_FLOATS[max(floating, key=floating.__getitem__)] if floating else None
     return stored, size
 
 

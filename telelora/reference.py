@@ -19,6 +19,7 @@ the same floating-point tensors (names and shapes) as the input's. Without one,
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 from collections.abc import Callable, Iterator
@@ -31,7 +32,6 @@ from telelora import modelio
 from telelora.errors import TeleLoRAError
 
 log = logging.getLogger(__name__)
-FLOATING = {"F64", "F32", "F16", "BF16"}
 
 
 def interpolate(weight: torch.Tensor, reference: torch.Tensor, reference_weight: float) -> torch.Tensor:
@@ -41,7 +41,11 @@ def interpolate(weight: torch.Tensor, reference: torch.Tensor, reference_weight:
 
 def floating_shapes(model_dir: Path) -> dict[str, tuple[int, ...]]:
     """``{checkpoint name: shape}`` of the folder's floating-point tensors, from the headers alone."""
-    return {k: shape for k, (dtype, shape) in modelio.tensor_headers(model_dir).items() if dtype in FLOATING}
+    return {
+        k: shape
+        for k, (dtype, shape) in modelio.tensor_headers(model_dir).items()
+        if dtype in modelio.SAFETENSORS_FLOATS
+    }
 
 
 def is_clean(model_dir: Path) -> bool:
@@ -59,14 +63,6 @@ def _same_folder(a: Path, b: Path) -> bool:
         return False
 
 
-def round_model_dirs(round_dir: Path) -> list[Path]:
-    """The model folders of a round folder (``models/<id>/``) or of its ``models/`` folder, sorted."""
-    if not round_dir.is_dir():
-        raise TeleLoRAError(f"--round_training_dataset_dirpath {round_dir} is not a folder")
-    root = round_dir / "models" if (round_dir / "models").is_dir() else round_dir
-    return sorted(p for p in root.iterdir() if not p.name.startswith(".") and (p / "config.json").is_file())
-
-
 def find_reference(round_dir: Path, model_dir: Path) -> Path | None:
     """The first clean model of ``round_dir`` that can be merged with ``model_dir`` (see the
     module's docstring), or None, with the reason logged."""
@@ -75,7 +71,11 @@ def find_reference(round_dir: Path, model_dir: Path) -> Path | None:
         log.warning("%s names no model_architecture in round_config.json: no reference model is used", model_dir)
         return None
     shapes = floating_shapes(model_dir)
-    candidates = [d for d in round_model_dirs(round_dir) if is_clean(d) and not _same_folder(d, model_dir)]
+    candidates = [
+        d
+        for d in modelio.round_model_dirs(round_dir, "--round_training_dataset_dirpath")
+        if is_clean(d) and not _same_folder(d, model_dir)
+    ]
     for candidate in candidates:
         if modelio.round_config(candidate).get("model_architecture") != architecture:
             continue
@@ -115,6 +115,18 @@ def open_reference(reference_dir: Path) -> Iterator[Callable[[str], torch.Tensor
             return where[name].get_tensor(name)
 
         yield tensor
+
+
+def merge_changes(
+    model_dir: Path, tensor: Callable[[str], torch.Tensor], reference_weight: float
+) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
+    """For ``modelio.save_mitigated``: every floating-point tensor of ``model_dir``'s checkpoint
+    merged toward the reference whose tensors ``tensor`` (:func:`open_reference`) reads."""
+    return {name: functools.partial(_merged, tensor, name, reference_weight) for name in floating_shapes(model_dir)}
+
+
+def _merged(tensor, name: str, reference_weight: float, stored: torch.Tensor) -> torch.Tensor:
+    return interpolate(stored, tensor(name), reference_weight)
 
 
 @torch.no_grad()
