@@ -15,8 +15,8 @@ measured on the same prompts and the same MMLU questions:
 * ``embedding_dropout``, ``magnitude_pruning``, ``lora_finetune``: the published baselines
   of ``telelora.lab.baselines``, once per model (K is for the three methods above);
 * ``reference_merge``: what ``mitigate`` does when NIST passes the training round: every
-  weight merged toward the first clean model of the same base in ``--reference_round``
-  (``telelora.reference``, ``reference_weight``). Only when asked for, with that round.
+  weight merged toward the mean of the first ``reference_count`` clean models of the same
+  base in ``--reference_round`` (``telelora.reference``, ``reference_weight``). Only when asked for, with that round.
 
 ASR, false-trigger rate, agreement, greedy 8-token agreement and MMLU come from ``evaluate``
 (what ``entrypoint.py test`` measures), Fidelity and strict Fidelity from
@@ -179,9 +179,13 @@ def apply_method(
     if method == "none":
         return {}
     if method == "reference_merge":
-        ref = reference.find_reference(args.reference_round, subject.dir)
-        merged = reference.merge_into(model, subject.dir, ref, meta.reference_weight)
-        return {"reference_model": ref.name, "reference_weight": meta.reference_weight, "tensors_merged": merged}
+        refs = reference.find_references(args.reference_round, subject.dir, meta.reference_count)
+        merged = reference.merge_into(model, subject.dir, refs, meta.reference_weight)
+        return {
+            "reference_models": [ref.name for ref in refs],
+            "reference_weight": meta.reference_weight,
+            "tensors_merged": merged,
+        }
     if method in BASELINES:
         facts = apply_baseline(method, model, tokenizer, texts, meta, meta.seed)
         return {k: v for k, v in facts.items() if k != "seconds"}  # the row's seconds are timed alike for all
@@ -421,11 +425,11 @@ def finished_rows(
     return [{**r, "source": r.get("source", path.name)} for r in rows] if merge else rows
 
 
-def _check_references(round_dir: Path | None, subjects: list[RoundModel]) -> None:
+def _check_references(round_dir: Path | None, subjects: list[RoundModel], reference_count: int) -> None:
     """Every model benched has a reference model in ``--reference_round``, none of them benched too."""
     if round_dir is None:
         raise TeleLoRAError("--methods reference_merge needs --reference_round: a training round with clean models")
-    missing = [s.dir.name for s in subjects if reference.find_reference(round_dir, s.dir) is None]
+    missing = [s.dir.name for s in subjects if not reference.find_references(round_dir, s.dir, reference_count)]
     if missing:
         raise TeleLoRAError(f"--reference_round {round_dir} has no clean model to merge {', '.join(missing)} with")
     benched = {s.dir.resolve() for s in subjects}
@@ -483,7 +487,7 @@ def main(argv: list[str] | None = None) -> None:
         mmlu_rows = evaluate.mmlu_subset(args.mmlu_questions, texts.mmlu_rows) if args.mmlu_questions else []
         subjects = select_models(args.round, args.models, args.split)
         if "reference_merge" in args.methods:
-            _check_references(args.reference_round, subjects)
+            _check_references(args.reference_round, subjects, meta.reference_count)
         if args.out:
             _check_writable(args.out)
         settings = {

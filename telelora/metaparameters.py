@@ -53,6 +53,7 @@ class Metaparameters:
     guard_answer_tokens: int
     guard_layer_factor: float
     reference_weight: float
+    reference_count: int
     seed: int
 
     def to_dict(self) -> dict:

@@ -1,7 +1,7 @@
 """Mitigation: a merge toward a clean reference model when the round gives one, else zero-shot
 generation: reference activations -> generated adapters -> guarded change -> weights.
 
-``telelora.reference`` finds the clean model and merges (the first choice when NIST passes
+``telelora.reference`` finds the clean models and merges (the first choice when NIST passes
 ``--round_training_dataset_dirpath``; ``reference_weight`` 0 turns it off). Otherwise
 ``plan_mitigation`` runs K steps; each recomputes the activations of the model as changed
 so far, generates one adapter per layer and composes ``W <- W (I + alpha V^T U)``; the drift
@@ -151,7 +151,7 @@ class MitigationReport:
     reason: str
     model_architecture: str | None
     method: str = "generators"  # or "reference_merge"
-    reference_model: str | None = None
+    reference_models: list[str] = dataclasses.field(default_factory=list)
     reference_weight: float | None = None
     num_layers_adapted: int = 0
     device: str | None = None
@@ -165,11 +165,12 @@ class MitigationReport:
 
 
 def _save_reference_merge(
-    model_dir: Path, output_dir: Path, reference_dir: Path, weight: float, report: MitigationReport, exclude
+    model_dir: Path, output_dir: Path, reference_dirs: list[Path], weight: float, report: MitigationReport, exclude
 ) -> None:
-    """Write the input with every floating-point weight merged toward the reference (read from
-    disk tensor by tensor: no model is built, so this costs about one copy of the checkpoint)."""
-    with reference.open_reference(reference_dir) as tensor:
+    """Write the input with every floating-point weight merged toward the references' mean (read
+    from disk tensor by tensor: no model is built, so this costs about one copy of the checkpoint
+    and one read of each reference)."""
+    with reference.open_references(reference_dirs) as tensor:
         report.mitigated, report.reason = True, "mitigated"
         changes = reference.merge_changes(model_dir, tensor, weight)
         modelio.save_mitigated(model_dir, output_dir, changes, {REPORT_FILE: report.to_json()}, exclude)
@@ -219,22 +220,22 @@ def run(
         exclude.append(Path(peft_dir))
     architecture = modelio.round_config(model_dir).get("model_architecture")
     tokenizer = modelio.load_tokenizer(model_dir, trust_remote_code)
-    reference_dir = None
+    reference_dirs = []
     if round_training_dir is not None and meta.reference_weight > 0:
         try:  # a round the harness passes that cannot be read must not cost the output
-            reference_dir = reference.find_reference(Path(round_training_dir), model_dir)
+            reference_dirs = reference.find_references(Path(round_training_dir), model_dir, meta.reference_count)
         except Exception as err:
             log.error("NO REFERENCE MODEL: --round_training_dataset_dirpath cannot be used (%s); "
                       "running the generators instead", err)  # fmt: skip
-        if reference_dir is not None and peft_dir is not None:
+        if reference_dirs and peft_dir is not None:
             raise TeleLoRAError(
-                f"--peft_dirpath exports a low-rank change, but the merge toward {reference_dir} changes every "
+                f"--peft_dirpath exports a low-rank change, but the merge toward {reference_dirs[0]} changes every "
                 "weight in full: drop --peft_dirpath, or --round_training_dataset_dirpath, or set reference_weight 0"
             )
 
     report = MitigationReport(mitigated=False, reason=UNFINISHED, model_architecture=architecture, seconds=seconds)
-    if reference_dir is not None:
-        report.method, report.reference_model = "reference_merge", str(reference_dir)
+    if reference_dirs:
+        report.method, report.reference_models = "reference_merge", [str(d) for d in reference_dirs]
         report.reference_weight = meta.reference_weight
     try:
         modelio.copy_model_files(model_dir, output_dir, {REPORT_FILE: report.to_json()}, exclude=exclude)
@@ -244,10 +245,11 @@ def run(
 
     mitigation = None
     try:
-        if reference_dir is not None:
-            _save_reference_merge(model_dir, output_dir, reference_dir, meta.reference_weight, report, exclude)
+        if reference_dirs:
+            _save_reference_merge(model_dir, output_dir, reference_dirs, meta.reference_weight, report, exclude)
             lap("merge_and_save")
-            log.info("wrote %s (merged toward %s; seconds %s)", output_dir, reference_dir, seconds)
+            log.info("wrote %s (merged toward the mean of %s; seconds %s)", output_dir,
+                     ", ".join(map(str, reference_dirs)), seconds)  # fmt: skip
             return report
         device, dtype = modelio.pick_device_dtype(meta.device, meta.dtype, model_dir)
         report.device, report.compute_dtype = str(device), str(dtype).removeprefix("torch.")

@@ -42,6 +42,7 @@ SMALL_META = {
     "guard_answer_tokens": 4,
     "guard_layer_factor": 0.0,
     "reference_weight": 0.5,
+    "reference_count": 1,
     "seed": 7,
 }
 

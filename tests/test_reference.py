@@ -1,5 +1,6 @@
-"""The merge toward a clean reference model: which model is chosen, the exact merged weights
-(in the written checkpoint and in memory), the fallback to the generators, bad input."""
+"""The merge toward clean reference models: which models are chosen, the exact merged weights
+toward one or the mean of several (in the written checkpoint and in memory), the fallback to
+the generators, bad input."""
 
 import json
 import logging
@@ -57,21 +58,30 @@ def test_interpolate_is_the_weighted_mean_in_float32():
 
 def test_the_first_clean_model_of_the_same_architecture_and_tensors_is_chosen(training_round, tiny_models, caplog):
     with caplog.at_level(logging.WARNING):
-        chosen = reference.find_reference(training_round, tiny_models["llama"])
-    assert chosen == training_round / "models" / "id-5"
+        chosen = reference.find_references(training_round, tiny_models["llama"], 1)
+    assert chosen == [training_round / "models" / "id-5"]
     assert "id-3 differs in" in caplog.text  # the qwen2 claiming to be llama
     # the round's models/ folder itself works too
-    assert reference.find_reference(training_round / "models", tiny_models["llama"]) == chosen
+    assert reference.find_references(training_round / "models", tiny_models["llama"], 1) == chosen
+
+
+def test_reference_count_takes_the_first_clean_matches_in_folder_order(training_round, tiny_models):
+    models = training_round / "models"
+    assert reference.find_references(training_round, tiny_models["llama"], 2) == [models / "id-5", models / "id-6"]
+    # asking for more than the round has gives what it has
+    assert reference.find_references(training_round, tiny_models["llama"], 16) == [models / "id-5", models / "id-6"]
+    with pytest.raises(ValueError, match="at least 1"):
+        reference.find_references(training_round, tiny_models["llama"], 0)
 
 
 def test_the_input_itself_is_never_its_own_reference(training_round):
     own = training_round / "models" / "id-5"
-    assert reference.find_reference(training_round, own) == training_round / "models" / "id-6"
+    assert reference.find_references(training_round, own, 4) == [training_round / "models" / "id-6"]
 
 
 def test_no_reference_without_a_clean_model_of_the_architecture(training_round, tiny_models, caplog):
     with caplog.at_level(logging.WARNING):
-        assert reference.find_reference(training_round, tiny_models["phi3"]) is None
+        assert reference.find_references(training_round, tiny_models["phi3"], 1) == []
     assert "no clean telelora-tiny/phi3" in caplog.text
 
 
@@ -80,7 +90,7 @@ def test_an_input_without_architecture_gets_no_reference(training_round, tiny_mo
     for name in ("round_config.json", "reduced-config.json"):
         (folder / name).unlink()
     with caplog.at_level(logging.WARNING):
-        assert reference.find_reference(training_round, folder) is None
+        assert reference.find_references(training_round, folder, 1) == []
     assert "names no model_architecture" in caplog.text
 
 
@@ -90,21 +100,23 @@ def test_an_unreadable_candidate_is_skipped(tiny_models, tmp_path, caplog):
     (broken / "model.safetensors").write_bytes(b"not safetensors")
     good = _label(Path(shutil.copytree(tiny_models["llama"], models / "id-2")), "0")
     with caplog.at_level(logging.WARNING):
-        assert reference.find_reference(models.parent, tiny_models["mistral"]) is None
-        assert reference.find_reference(models.parent, tiny_models["llama"]) == good
+        assert reference.find_references(models.parent, tiny_models["mistral"], 1) == []
+        assert reference.find_references(models.parent, tiny_models["llama"], 2) == [good]
     assert "id-1 is unreadable" in caplog.text
 
 
 def test_a_missing_round_folder_is_one_clear_error(tiny_models, tmp_path):
     with pytest.raises(TeleLoRAError, match="is not a folder"):
-        reference.find_reference(tmp_path / "nowhere", tiny_models["llama"])
+        reference.find_references(tmp_path / "nowhere", tiny_models["llama"], 1)
 
 
-@pytest.mark.parametrize("weight", [0.5, 0.25])
-def test_mitigate_writes_the_merge_toward_the_reference(tmp_path, model_copy, learned_dir, training_round, weight):
+@pytest.mark.parametrize(("weight", "count"), [(0.5, 1), (0.25, 1), (0.5, 2)])
+def test_mitigate_writes_the_merge_toward_the_references_mean(
+    tmp_path, model_copy, learned_dir, training_round, weight, count
+):
     model_dir = model_copy("llama")
     before = _digest(model_dir)
-    meta = write_meta(tmp_path / "meta.json", reference_weight=weight)
+    meta = write_meta(tmp_path / "meta.json", reference_weight=weight, reference_count=count)
     output = model_dir / "output"
     argv = _nist_args(model_dir, output, meta, learned_dir, tmp_path, "--round_training_dataset_dirpath",
                       str(training_round))  # fmt: skip
@@ -112,17 +124,19 @@ def test_mitigate_writes_the_merge_toward_the_reference(tmp_path, model_copy, le
     assert _digest(model_dir) == before
     report = json.loads((output / mitigate.REPORT_FILE).read_text())
     assert report["mitigated"] and report["method"] == "reference_merge"
-    assert report["reference_model"] == str(training_round / "models" / "id-5") and report["reference_weight"] == weight
+    chosen = [training_round / "models" / name for name in ("id-5", "id-6")[:count]]
+    assert report["reference_models"] == [str(d) for d in chosen] and report["reference_weight"] == weight
 
-    mine, theirs = (
-        load_file(str(model_dir / "model.safetensors")),
-        load_file(str(training_round / "models" / "id-5" / "model.safetensors")),
-    )
+    mine = load_file(str(model_dir / "model.safetensors"))
+    theirs = [load_file(str(d / "model.safetensors")) for d in chosen]
     merged = load_file(str(output / "model.safetensors"))
     assert merged.keys() == mine.keys()
     for key, value in mine.items():
-        expected = ((1 - weight) * value.float() + weight * theirs[key].float()).to(value.dtype)
+        mean = sum(t[key].float() for t in theirs) / count
+        expected = ((1 - weight) * value.float() + weight * mean).to(value.dtype)
         assert torch.allclose(merged[key], expected, atol=1e-6), key
+        if count > 1 and not torch.equal(theirs[0][key], theirs[1][key]):  # the mean, not the first alone
+            assert not torch.allclose(merged[key], ((1 - weight) * value + weight * theirs[0][key]), atol=1e-6), key
     AutoModelForCausalLM.from_pretrained(output)
     AutoTokenizer.from_pretrained(output)
 
@@ -130,11 +144,12 @@ def test_mitigate_writes_the_merge_toward_the_reference(tmp_path, model_copy, le
 def test_in_memory_merge_equals_the_written_one(tmp_path, model_copy, learned_dir, training_round):
     model_dir = model_copy("llama")
     output = tmp_path / "output"
-    argv = _nist_args(model_dir, output, write_meta(tmp_path / "meta.json"), learned_dir, tmp_path,
-                      "--round_training_dataset_dirpath", str(training_round))  # fmt: skip
+    argv = _nist_args(model_dir, output, write_meta(tmp_path / "meta.json", reference_count=2), learned_dir,
+                      tmp_path, "--round_training_dataset_dirpath", str(training_round))  # fmt: skip
     assert cli.main(argv) == 0
     model = modelio.load_model(model_dir, torch.device("cpu"), torch.float32)
-    count = reference.merge_into(model, model_dir, training_round / "models" / "id-5", 0.5)
+    models = training_round / "models"
+    count = reference.merge_into(model, model_dir, [models / "id-5", models / "id-6"], 0.5)
     written = modelio.load_model(output, torch.device("cpu"), torch.float32)
     assert count == len(list(model.parameters()))
     for (name, a), (_, b) in zip(model.named_parameters(), written.named_parameters(), strict=True):
@@ -168,7 +183,7 @@ def test_reference_weight_zero_runs_the_generators(tmp_path, model_copy, learned
                       learned_dir, tmp_path, "--round_training_dataset_dirpath", str(training_round))  # fmt: skip
     assert cli.main(argv) == 0
     report = json.loads((tmp_path / "out" / mitigate.REPORT_FILE).read_text())
-    assert report["mitigated"] and report["method"] == "generators" and report["reference_model"] is None
+    assert report["mitigated"] and report["method"] == "generators" and report["reference_models"] == []
 
 
 def test_no_reference_in_the_round_falls_back_to_the_generators(tmp_path, model_copy, learned_dir, training_round):

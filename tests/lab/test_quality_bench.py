@@ -235,10 +235,10 @@ def test_bench_reference_merge_uses_the_reference_round(tiny_round, learned_dir,
                      "--reference_round", str(references), "--out", str(out)))  # fmt: skip
     rows = {(r["model"], r["method"]): r for r in json.loads(out.read_text())["rows"]}
     merged = rows[("id-00000000", "reference_merge")]
-    assert merged["details"]["reference_model"] == "id-clean-llama" and merged["details"]["tensors_merged"] > 0
+    assert merged["details"]["reference_models"] == ["id-clean-llama"] and merged["details"]["tensors_merged"] > 0
     assert merged["agreement"] < 1.0  # half an unrelated model: the answers change
     unchanged = rows[("id-00000001", "reference_merge")]
-    assert unchanged["details"]["reference_model"] == "id-clean-qwen2"
+    assert unchanged["details"]["reference_models"] == ["id-clean-qwen2"]
     assert unchanged["agreement"] == pytest.approx(1.0)  # merged with its own copy: the same weights
 
 
