@@ -453,7 +453,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--split", help="only the models whose METADATA.csv split column is this")
     parser.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, help=f"of {', '.join(METHODS)}")
     parser.add_argument("--steps", nargs="+", type=int, help="values of K (default: the metaparameters')")
-    parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="metaparameter overrides (JSON)")
+    parser.add_argument(
+        "--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE", help="metaparameter overrides (JSON)"
+    )  # repeated --set flags add up
     parser.add_argument("--learned_parameters", type=Path, default=REPO_ROOT / "learned_parameters")
     parser.add_argument("--metaparameters", type=Path, default=REPO_ROOT / "metaparameters.json")
     parser.add_argument(

@@ -232,9 +232,12 @@ def test_bench_reference_merge_uses_the_reference_round(tiny_round, learned_dir,
     out = tmp_path / "quality.json"
     references = _training_round(tiny_round, tmp_path / "training-round")
     bench.main(_args(tiny_round, learned_dir, meta_file, "--methods", "none", "reference_merge",
-                     "--reference_round", str(references), "--out", str(out)))  # fmt: skip
+                     "--reference_round", str(references), "--out", str(out),
+                     "--set", "reference_weight=0.75", "--set", "reference_count=2"))  # fmt: skip
     rows = {(r["model"], r["method"]): r for r in json.loads(out.read_text())["rows"]}
     merged = rows[("id-00000000", "reference_merge")]
+    # both --set flags apply; two references asked for, the one the round has is used
+    assert merged["details"]["reference_weight"] == 0.75
     assert merged["details"]["reference_models"] == ["id-clean-llama"] and merged["details"]["tensors_merged"] > 0
     assert merged["agreement"] < 1.0  # half an unrelated model: the answers change
     unchanged = rows[("id-00000001", "reference_merge")]
