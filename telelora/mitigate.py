@@ -176,6 +176,15 @@ def _save_reference_merge(
         modelio.save_mitigated(model_dir, output_dir, changes, {REPORT_FILE: report.to_json()}, exclude)
 
 
+def _rewrite_report(output_dir: Path, report: MitigationReport) -> None:
+    """The report again, now that its ``seconds`` include the save: the model is already in
+    place, so a failure here costs the timing, never the output."""
+    try:
+        atomic_write_text(output_dir / REPORT_FILE, report.to_json())
+    except OSError as err:
+        log.warning("could not add the save's seconds to %s (%s)", REPORT_FILE, err)
+
+
 UNFINISHED = (
     "unfinished: these are the input's own files, written before mitigation started; "
     "the run stopped before it could replace them (killed, out of host memory or out of time)"
@@ -248,6 +257,7 @@ def run(
         if reference_dirs:
             _save_reference_merge(model_dir, output_dir, reference_dirs, meta.reference_weight, report, exclude)
             lap("merge_and_save")
+            _rewrite_report(output_dir, report)
             log.info("wrote %s (merged toward the mean of %s; seconds %s)", output_dir,
                      ", ".join(map(str, reference_dirs)), seconds)  # fmt: skip
             return report
@@ -270,6 +280,7 @@ def run(
         report.mitigated, report.reason = True, "mitigated"
         modelio.save_mitigated(model_dir, output_dir, changes, {REPORT_FILE: report.to_json()}, exclude)
         lap("save")
+        _rewrite_report(output_dir, report)
     except Exception as err:  # anything after the checks: the input's own files stay in the output
         report.mitigated, report.reason = False, f"{type(err).__name__}: {err}"
         log.error("MITIGATION FAILED; THE OUTPUT HOLDS THE UNCHANGED INPUT MODEL: %s", report.reason)

@@ -124,6 +124,7 @@ def test_mitigate_writes_the_merge_toward_the_references_mean(
     assert _digest(model_dir) == before
     report = json.loads((output / mitigate.REPORT_FILE).read_text())
     assert report["mitigated"] and report["method"] == "reference_merge"
+    assert set(report["seconds"]) == {"copy_input", "merge_and_save"}
     chosen = [training_round / "models" / name for name in ("id-5", "id-6")[:count]]
     assert report["reference_models"] == [str(d) for d in chosen] and report["reference_weight"] == weight
 
