@@ -126,17 +126,6 @@ class RoundModel:
         return digest.hexdigest()[:16]
 
 
-def read_poisoned(model_dir: Path) -> bool:
-    """The model's ground truth: ``ground_truth.csv`` holds 1 (poisoned) or 0 (clean)."""
-    try:
-        label = (model_dir / "ground_truth.csv").read_text().strip()
-    except OSError as err:
-        raise TeleLoRAError(f"{model_dir} has no readable ground_truth.csv ({err})") from err
-    if label not in ("0", "1"):
-        raise TeleLoRAError(f"{model_dir / 'ground_truth.csv'} holds {label!r}; expected 0 or 1")
-    return label == "1"
-
-
 def select_models(round_dir: Path, names: list[str] | None, split: str | None) -> list[RoundModel]:
     """The chosen models of ``round_dir/METADATA.csv`` (all, or ``names``, of ``split``), each checked."""
     path = round_dir / "METADATA.csv"
@@ -167,7 +156,7 @@ def select_models(round_dir: Path, names: list[str] | None, split: str | None) -
         model_dir = round_dir / "models" / row["model_name"]
         modelio.check_model_dir(model_dir)
         prompts = evaluate.load_prompts(model_dir / "test-example-data" / "prompts.json")
-        facts = {"base": row.get("base"), "poisoned": read_poisoned(model_dir)}
+        facts = {"base": row.get("base"), "poisoned": modelio.read_poisoned(model_dir)}
         models.append(RoundModel(model_dir, prompts, {**facts, **{k: row[k] for k in FACTS if k in row}}))
     return models
 

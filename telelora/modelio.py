@@ -97,6 +97,19 @@ def check_model_dir(model_dir: Path) -> dict:
     return config
 
 
+def read_poisoned(model_dir: Path) -> bool:
+    """A round model's ground truth: ``ground_truth.csv`` holds 1 (poisoned) or 0 (clean);
+    anything else, or no readable file, is one clear error."""
+    path = model_dir / "ground_truth.csv"
+    try:
+        label = path.read_text().strip()
+    except OSError as err:
+        raise TeleLoRAError(f"{model_dir} has no readable ground_truth.csv ({err})") from err
+    if label not in ("0", "1"):
+        raise TeleLoRAError(f"{path} holds {label!r}; expected 0 or 1")
+    return label == "1"
+
+
 def round_config(model_dir: Path) -> dict:
     """``round_config.json`` (or its copy ``reduced-config.json``) when present, else ``{}``."""
     for name in ("round_config.json", "reduced-config.json"):

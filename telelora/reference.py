@@ -53,8 +53,8 @@ def floating_shapes(model_dir: Path) -> dict[str, tuple[int, ...]]:
 def is_clean(model_dir: Path) -> bool:
     """True only when ``ground_truth.csv`` says 0: an unlabelled model is never a reference."""
     try:
-        return (model_dir / "ground_truth.csv").read_text().strip() == "0"
-    except OSError:
+        return not modelio.read_poisoned(model_dir)
+    except TeleLoRAError:
         return False
 
 

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from telelora import modelio
 from telelora.adapters import LowRankDelta
 from telelora.architectures import AdaptedLayer
 from telelora.chat import agreement, hit_rate
@@ -68,7 +69,7 @@ def load_validation_model(model_dir: Path, prompts: int) -> ValidationModel:
     when its folder lacks the round's prompts file or ground truth."""
     try:
         data = json.loads((model_dir / PROMPTS_FILE).read_text())
-        poisoned = (model_dir / "ground_truth.csv").read_text().strip() == "1"
+        poisoned = modelio.read_poisoned(model_dir)
         triggered = data["triggered"][:prompts] if poisoned else []
         clean = data["clean"][:prompts]
         model = ValidationModel(

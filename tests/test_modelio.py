@@ -181,3 +181,17 @@ def test_placeholder_copy_links_without_touching_the_input(tmp_path, model_copy)
 def test_round_like_folders_reject_an_unknown_kind(tmp_path):
     with pytest.raises(ValueError, match="unknown round-like model"):
         tiny.build_round_like("llama2", tmp_path)
+
+
+@pytest.mark.parametrize(("text", "poisoned"), [("1\n", True), ("0", False), (" 0 \n", False)])
+def test_read_poisoned_reads_the_label(tmp_path, text, poisoned):
+    (tmp_path / "ground_truth.csv").write_text(text)
+    assert modelio.read_poisoned(tmp_path) is poisoned
+
+
+def test_read_poisoned_refuses_a_missing_or_odd_label(tmp_path):
+    with pytest.raises(TeleLoRAError, match="no readable ground_truth.csv"):
+        modelio.read_poisoned(tmp_path)
+    (tmp_path / "ground_truth.csv").write_text("yes\n")
+    with pytest.raises(TeleLoRAError, match="holds 'yes'; expected 0 or 1"):
+        modelio.read_poisoned(tmp_path)

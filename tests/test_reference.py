@@ -36,11 +36,13 @@ def _claim(folder: Path, architecture: str) -> Path:
 @pytest.fixture(scope="module")
 def training_round(tmp_path_factory) -> Path:
     """A training round for tiny llama inputs. Sorted by name: a poisoned llama, an unlabelled
-    llama, a clean qwen2 claiming to be llama (other tensors), a clean mistral, then the one
-    clean llama (``id-5``) and a second clean llama (``id-6``) that comes after it."""
+    llama, a llama whose label is neither 0 nor 1, a clean qwen2 claiming to be llama (other
+    tensors), a clean mistral, then the one clean llama (``id-5``) and a second clean llama
+    (``id-6``) that comes after it."""
     models = tmp_path_factory.mktemp("training-round") / "models"
     _label(tiny.build("llama", models / "id-1", seed=11), "1")
     _label(tiny.build("llama", models / "id-2", seed=12), None)
+    _label(tiny.build("llama", models / "id-2b", seed=12), "clean")  # not a label: never a reference
     _label(_claim(tiny.build("qwen2", models / "id-3", seed=13), "telelora-tiny/llama"), "0")
     _label(tiny.build("mistral", models / "id-4", seed=14), "0")
     _label(tiny.build("llama", models / "id-5", seed=15), "0")

@@ -18,6 +18,7 @@ import json
 import math
 from pathlib import Path
 
+from telelora import modelio
 from telelora.errors import TeleLoRAError
 from telelora.validation import strict_fidelity
 
@@ -46,10 +47,10 @@ def _number(value) -> float:
 def ground_truth(model_dir: Path) -> dict:
     """What the round builder recorded about one model before mitigation."""
     try:
-        poisoned = (model_dir / "ground_truth.csv").read_text().strip() == "1"
+        poisoned = modelio.read_poisoned(model_dir)
         pre_mmlu = json.loads((model_dir / "eval-mmlu.json").read_text())["results"]["mmlu"]["acc,none"]
         pre_asr = json.loads((model_dir / "test_eval_groundtruth.json").read_text())["all_trigger0_asr"]
-    except (OSError, ValueError, KeyError, TypeError) as err:
+    except (TeleLoRAError, OSError, ValueError, KeyError, TypeError) as err:
         raise TeleLoRAError(f"{model_dir} lacks the round's ground truth files ({err})") from err
     build = _read_json(model_dir / "build.json") or {}
     return {
