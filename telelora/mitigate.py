@@ -1,4 +1,4 @@
-"""Mitigation: a merge toward a clean reference model when the round gives one, else zero-shot
+"""Mitigation: a merge toward clean reference models when the round gives them, else zero-shot
 generation: reference activations -> generated adapters -> guarded change -> weights.
 
 ``telelora.reference`` finds the clean models and merges (the first choice when NIST passes
@@ -238,8 +238,9 @@ def run(
                       "running the generators instead", err)  # fmt: skip
         if reference_dirs and peft_dir is not None:
             raise TeleLoRAError(
-                f"--peft_dirpath exports a low-rank change, but the merge toward {reference_dirs[0]} changes every "
-                "weight in full: drop --peft_dirpath, or --round_training_dataset_dirpath, or set reference_weight 0"
+                f"--peft_dirpath exports a low-rank change, but the merge toward {', '.join(map(str, reference_dirs))} "
+                "changes every weight in full: drop --peft_dirpath, or --round_training_dataset_dirpath, or set "
+                "reference_weight 0"
             )
 
     report = MitigationReport(mitigated=False, reason=UNFINISHED, model_architecture=architecture, seconds=seconds)

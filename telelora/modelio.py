@@ -103,7 +103,7 @@ def read_poisoned(model_dir: Path) -> bool:
     path = model_dir / "ground_truth.csv"
     try:
         label = path.read_text().strip()
-    except OSError as err:
+    except (OSError, UnicodeDecodeError) as err:
         raise TeleLoRAError(f"{model_dir} has no readable ground_truth.csv ({err})") from err
     if label not in ("0", "1"):
         raise TeleLoRAError(f"{path} holds {label!r}; expected 0 or 1")

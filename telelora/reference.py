@@ -97,6 +97,9 @@ def find_references(round_dir: Path, model_dir: Path, limit: int) -> list[Path]:
         found.append(candidate)
         if len(found) == limit:
             break
+    if found and len(found) < limit:
+        log.info("%d clean %s in %s, fewer than reference_count %d: merging toward the mean of those",
+                 len(found), architecture, round_dir, limit)  # fmt: skip
     if not found:
         log.warning(
             "no clean %s among the %d clean models of %s: no reference model is used",
@@ -124,13 +127,15 @@ def open_references(reference_dirs: list[Path]) -> Iterator[Callable[[str], torc
             where.append(handles)
 
         def tensor(name: str) -> torch.Tensor:
+            # out of place: a float32 tensor from get_tensor may be a view of the file's
+            # private memory map, which an in-place sum would write into (and keep in RAM)
             total = None
             for reference_dir, handles in zip(reference_dirs, where, strict=True):
                 if name not in handles:
                     raise TeleLoRAError(f"reference model {reference_dir} holds no tensor {name}")
                 value = handles[name].get_tensor(name).float()
-                total = value if total is None else total.add_(value)
-            return total.div_(len(reference_dirs)) if len(reference_dirs) > 1 else total
+                total = value if total is None else total + value
+            return total / len(reference_dirs) if len(reference_dirs) > 1 else total
 
         yield tensor
 

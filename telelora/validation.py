@@ -80,7 +80,7 @@ def load_validation_model(model_dir: Path, prompts: int) -> ValidationModel:
             [c["prompt"] for c in clean],
             [[int(i) for i in c["reference_answer_ids"]] for c in clean],
         )
-    except (OSError, ValueError, KeyError, TypeError) as err:
+    except (TeleLoRAError, OSError, ValueError, KeyError, TypeError) as err:
         raise TeleLoRAError(
             f"validation model {model_dir} lacks a readable {PROMPTS_FILE} with answer ids and a "
             f"ground_truth.csv ({type(err).__name__}: {err})"

@@ -195,3 +195,6 @@ def test_read_poisoned_refuses_a_missing_or_odd_label(tmp_path):
     (tmp_path / "ground_truth.csv").write_text("yes\n")
     with pytest.raises(TeleLoRAError, match="holds 'yes'; expected 0 or 1"):
         modelio.read_poisoned(tmp_path)
+    (tmp_path / "ground_truth.csv").write_bytes(b"\xff\xfe\x00")
+    with pytest.raises(TeleLoRAError, match="no readable ground_truth.csv"):
+        modelio.read_poisoned(tmp_path)

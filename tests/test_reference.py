@@ -159,25 +159,47 @@ def test_in_memory_merge_equals_the_written_one(tmp_path, model_copy, learned_di
         assert torch.allclose(a, b, atol=1e-6), name
 
 
-def test_round_like_bf16_shards_merge_shard_by_shard(tmp_path, learned_dir):
+@pytest.mark.parametrize("count", [1, 2])
+def test_round_like_bf16_shards_merge_shard_by_shard(tmp_path, learned_dir, count):
     """Sharded bf16 checkpoints with an index, as the round's: every shard is rewritten in
-    its own name and dtype, the index copied."""
+    its own name and dtype, the index copied; the mean of bf16 references is taken in float32."""
     inputs = tmp_path / "in"
     model_dir = tiny.build_round_like("gemma2", inputs / "trojan", seed=1)
-    clean = _label(tiny.build_round_like("gemma2", tmp_path / "round" / "models" / "id-9", seed=2), "0")
+    clean = [
+        _label(tiny.build_round_like("gemma2", tmp_path / "round" / "models" / f"id-{9 + i}", seed=2 + i), "0")
+        for i in range(count)
+    ]
     output = tmp_path / "output"
-    argv = _nist_args(model_dir, output, write_meta(tmp_path / "meta.json"), learned_dir, tmp_path,
-                      "--round_training_dataset_dirpath", str(tmp_path / "round"))  # fmt: skip
+    argv = _nist_args(model_dir, output, write_meta(tmp_path / "meta.json", reference_count=count), learned_dir,
+                      tmp_path, "--round_training_dataset_dirpath", str(tmp_path / "round"))  # fmt: skip
     assert cli.main(argv) == 0
     assert (output / "model.safetensors.index.json").read_bytes() == (
         model_dir / "model.safetensors.index.json"
     ).read_bytes()
     for shard in modelio.weight_files(model_dir):
-        mine, theirs, merged = (load_file(str(d / shard.name)) for d in (model_dir, clean, output))
+        mine, merged = (load_file(str(d / shard.name)) for d in (model_dir, output))
+        theirs = [load_file(str(d / shard.name)) for d in clean]
         for key, value in mine.items():
             assert merged[key].dtype == value.dtype == torch.bfloat16
-            expected = (0.5 * value.float() + 0.5 * theirs[key].float()).bfloat16()
+            mean = sum(t[key].float() for t in theirs) / count
+            expected = (0.5 * value.float() + 0.5 * mean).bfloat16()
             assert torch.equal(merged[key], expected), key
+
+
+def test_the_references_mean_is_read_afresh_every_time(training_round):
+    """float32 tensors may be views of the files' memory maps: the mean must not write into them."""
+    models = training_round / "models"
+    stored = [load_file(str(models / name / "model.safetensors")) for name in ("id-5", "id-6")]
+    with reference.open_references([models / "id-5", models / "id-6"]) as tensor:
+        for key in stored[0]:
+            first, again = tensor(key), tensor(key)
+            assert torch.equal(first, again), key
+            assert torch.allclose(first, (stored[0][key] + stored[1][key]) / 2), key
+    with reference.open_references([models / "id-5"]) as tensor:
+        assert all(torch.equal(tensor(key), value) for key, value in stored[0].items())
+    with pytest.raises(ValueError, match="at least one"):
+        with reference.open_references([]):
+            pass
 
 
 def test_reference_weight_zero_runs_the_generators(tmp_path, model_copy, learned_dir, training_round):

@@ -53,3 +53,6 @@ def test_a_folder_without_prompts_or_ground_truth_is_one_clear_error(tiny_round,
     (folder / "test-example-data" / "prompts.json").write_text(json.dumps({"clean": [], "triggered": []}))
     with pytest.raises(TeleLoRAError, match="no prompts to validate on"):
         validation.load_validation_model(folder, 4)
+    (folder / "ground_truth.csv").write_text("poisoned\n")
+    with pytest.raises(TeleLoRAError, match="lacks a readable.*holds 'poisoned'"):
+        validation.load_validation_model(folder, 4)
