@@ -28,20 +28,58 @@ def _sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def _as_the_round_wrote_it(folder: Path) -> Path:
+    """Write ``tokenizer.json``'s BPE merges as ``"a b"`` strings, as the round's files have
+    them (tokenizers 0.19, transformers 4.4x): tokenizers 0.19, which transformers 4.44 needs,
+    cannot read the ``["a", "b"]`` pairs that tokenizers 0.20 and later write, and mitigate
+    copies the input's tokenizer files byte for byte, so the input's format is the output's."""
+    path = folder / "tokenizer.json"
+    tokenizer = json.loads(path.read_text(encoding="utf-8"))
+    tokenizer["model"]["merges"] = [" ".join(pair) for pair in tokenizer["model"]["merges"]]
+    path.write_text(json.dumps(tokenizer, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+    return folder
+
+
+def _mitigate(model_dir: Path, meta_file: Path, learned_dir: Path, *extra: str) -> Path:
+    """``mitigate`` by the NIST command line, output inside the model folder as NIST puts it;
+    returns the output folder and checks its report says the model was mitigated."""
+    output = model_dir / "output"
+    argv = ["mitigate", "--model", str(model_dir), "--output_dirpath", str(output), *extra]
+    argv += ["--metaparameters_filepath", str(meta_file), "--learned_parameters_dirpath", str(learned_dir)]
+    assert cli.main(argv) == 0
+    assert json.loads((output / REPORT_FILE).read_text())["mitigated"]
+    return output
+
+
 @pytest.fixture(scope="module")
 def mitigated(round_like_models, tmp_path_factory, meta_file, learned_dir):
-    """Each round-like folder mitigated by the NIST command line (output inside it, as NIST
-    does), with the change also exported as a PEFT LoRA: ``{kind: (input, output, peft)}``."""
+    """Each round-like folder mitigated by the generators (no training round), with the change
+    also exported as a PEFT LoRA: ``{kind: (input, output, peft)}``."""
     root = tmp_path_factory.mktemp("mitigated")
     done = {}
     for kind, source in round_like_models.items():
-        model_dir = Path(shutil.copytree(source, root / kind))
-        output, peft = model_dir / "output", root / f"{kind}-peft"
-        argv = ["mitigate", "--model", str(model_dir), "--output_dirpath", str(output), "--peft_dirpath", str(peft)]
-        argv += ["--metaparameters_filepath", str(meta_file), "--learned_parameters_dirpath", str(learned_dir)]
-        assert cli.main(argv) == 0
-        assert json.loads((output / REPORT_FILE).read_text())["mitigated"]
-        done[kind] = (model_dir, output, peft)
+        model_dir = _as_the_round_wrote_it(Path(shutil.copytree(source, root / kind)))
+        peft = root / f"{kind}-peft"
+        done[kind] = (model_dir, _mitigate(model_dir, meta_file, learned_dir, "--peft_dirpath", str(peft)), peft)
+    return done
+
+
+@pytest.fixture(scope="module")
+def merged(round_like_models, tmp_path_factory, meta_file, learned_dir):
+    """Each round-like folder mitigated by the reference merge, the route NIST's harness takes
+    when its training round holds a clean model of the same base: ``{kind: output}``."""
+    root = tmp_path_factory.mktemp("merged")
+    models = root / "round" / "models"
+    for i, kind in enumerate(tiny.ROUND_LIKE):  # one clean fine-tune of each base, other weights
+        clean = tiny.build_round_like(kind, models / f"id-{i:08d}", seed=10 + i)
+        (clean / "ground_truth.csv").write_text("0\n")
+    done = {}
+    for kind, source in round_like_models.items():
+        model_dir = _as_the_round_wrote_it(Path(shutil.copytree(source, root / kind)))
+        output = _mitigate(model_dir, meta_file, learned_dir, "--round_training_dataset_dirpath", str(root / "round"))
+        report = json.loads((output / REPORT_FILE).read_text())
+        assert report["method"] == "reference_merge" and len(report["reference_models"]) == 1, report
+        done[kind] = output
     return done
 
 
@@ -89,20 +127,32 @@ def _probe(folders: list[Path], version: str | None) -> dict:
     return json.loads(result.stdout)
 
 
-@pytest.mark.parametrize("version", ["4.46.3", "4.57.1"])
-def test_output_loads_alike_under_the_evaluators_transformers(mitigated, version):
-    """The round's evaluator dates from 2024: under transformers 4.46 and 4.57 the output must
-    load (model, tokenizer, chat template, eos ids, bf16 with torch_dtype auto) and give the
-    logits it gives under the pinned 5.x, to bf16 rounding."""
-    outputs = [mitigated[kind][1] for kind in tiny.ROUND_LIKE]
-    old, new = _probe(outputs, version), _probe(outputs, None)
-    assert old["version"] == version and new["version"] == transformers.__version__
+@pytest.fixture(scope="module")
+def outputs(mitigated, merged) -> list[Path]:
+    """Both routes' outputs for every round-like base."""
+    return [mitigated[kind][1] for kind in tiny.ROUND_LIKE] + [merged[kind] for kind in tiny.ROUND_LIKE]
+
+
+@pytest.fixture(scope="module")
+def pinned(outputs) -> dict:
+    """The probe under the pinned transformers, once for every version compared with it."""
+    return _probe(outputs, None)
+
+
+@pytest.mark.parametrize("version", ["4.44.0", "4.46.3", "4.57.1"])
+def test_output_loads_alike_under_the_evaluators_transformers(outputs, pinned, version):
+    """The round's evaluator dates from 2024 (NIST's example pins transformers 4.44.0): under
+    4.44, 4.46 and 4.57 the output of either route must load (model, tokenizer, chat template,
+    eos ids, bf16 with torch_dtype auto) and give the logits it gives under the pinned 5.x, to
+    bf16 rounding."""
+    old = _probe(outputs, version)
+    assert old["version"] == version and pinned["version"] == transformers.__version__
     for folder in map(str, outputs):
-        seen, pinned = old["folders"][folder], new["folders"][folder]
-        assert seen["dtype"] == pinned["dtype"] == "torch.bfloat16"
-        assert seen["chat"] == pinned["chat"] and seen["chat_ids"] == pinned["chat_ids"]
-        assert seen["eos"] == pinned["eos"]
-        logits, reference = torch.tensor(seen["logits"]), torch.tensor(pinned["logits"])
+        seen, new = old["folders"][folder], pinned["folders"][folder]
+        assert seen["dtype"] == new["dtype"] == "torch.bfloat16"
+        assert seen["chat"] == new["chat"] and seen["chat_ids"] == new["chat_ids"]
+        assert seen["eos"] == new["eos"]
+        logits, reference = torch.tensor(seen["logits"]), torch.tensor(new["logits"])
         assert (logits - reference).abs().max() <= 0.02 * reference.abs().max(), folder
 
 
