@@ -4,8 +4,8 @@ import math
 import pytest
 import torch
 
-from telelora import modelio, texts
-from telelora.architectures import find_adapted_layers
+from telelora import alignment, chat, modelio, texts
+from telelora.architectures import decoder_blocks, find_adapted_layers
 from telelora.errors import TeleLoRAError
 from telelora.lab import baselines
 
@@ -121,3 +121,105 @@ def test_lora_finetune_merges_into_the_callers_model(tiny_models, small_meta, fe
     assert again_facts["final_loss"] == facts["final_loss"]
     for name, value in again.named_parameters():
         assert torch.equal(value, after[name]), name
+
+
+def test_consistency_loss_is_zero_for_identical_states_and_matches_a_hand_computation():
+    mask = torch.tensor([[1, 1, 0]])  # the third token is padding: left out of the mean
+    h1 = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [5.0, 5.0]]])
+    assert baselines.consistency_loss([h1, h1, 3 * h1], mask).item() == pytest.approx(0.0, abs=1e-7)
+
+    h2 = torch.tensor([[[2.0, 2.0], [0.0, -1.0], [-5.0, 1.0]]])  # cos with h1: 1/sqrt(2), -1
+    pair = ((1 - 1 / math.sqrt(2)) + 2) / 2
+    assert baselines.consistency_loss([h1, h2], mask).item() == pytest.approx(pair)
+    assert baselines.consistency_loss([h1, h2, h2], mask).item() == pytest.approx(pair / 2)  # mean over pairs
+    with pytest.raises(TeleLoRAError):
+        baselines.consistency_loss([h1], mask)
+
+
+def test_sign_gradient_step_moves_each_real_embedding_entry_by_epsilon():
+    torch.manual_seed(0)
+    embeds = torch.randn(2, 3, 4, requires_grad=True)
+    slope = torch.randn(2, 3, 4)
+    mask = torch.tensor([[0, 1, 1], [1, 1, 1]])
+    delta = baselines.sign_gradient_step((embeds * slope).sum(), embeds, mask, epsilon=0.1)
+    assert torch.equal(delta, 0.1 * slope.sign() * mask[..., None])
+    assert delta.abs().max().item() == pytest.approx(0.1)
+    assert torch.equal(delta[0, 0], torch.zeros(4))
+
+
+def test_crow_perturbation_raises_the_consistency_loss_and_spares_padding(tiny_models, few_texts):
+    model = load(tiny_models, "llama")
+    tokenizer = modelio.load_tokenizer(tiny_models["llama"])
+    examples = []
+    for prompt in few_texts.reference[:3]:  # prompts of different lengths: left padding
+        head = chat.prompt_ids(tokenizer, prompt)
+        examples.append(alignment.Example(head + [5, 6], [alignment.IGNORE_INDEX] * len(head) + [5, 6]))
+    batch = alignment.collate(examples, chat.pad_id(tokenizer), torch.device("cpu"))
+    real = batch["attention_mask"].bool()
+    assert not real.all()
+    blocks = decoder_blocks(model)
+
+    delta = baselines.crow_perturbation(model, blocks, batch, baselines.CROW_EPSILON)
+    assert torch.equal(delta[~real], torch.zeros_like(delta[~real]))
+    assert torch.equal(delta[real].abs(), torch.full_like(delta[real], 0.1))  # prompt and answer tokens alike
+    embeds = model.get_input_embeddings()(batch["input_ids"]).detach()
+    with torch.no_grad():
+        clean = baselines.embeds_consistency(model, blocks, embeds, batch)
+        perturbed = baselines.embeds_consistency(model, blocks, embeds + delta, batch)
+    assert perturbed > clean > 0
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])  # Gemma 3: scaled and tied embeddings
+def test_crow_changes_the_linear_layers_and_merges_the_adapter_exactly(
+    tiny_models, small_meta, few_texts, monkeypatch, arch
+):
+    probe = torch.tensor([[5, 6, 7, 8]])
+    adapted: dict[str, torch.Tensor] = {}
+
+    def merge_after_recording(peft_model, model):
+        with torch.no_grad():
+            adapted["logits"] = peft_model(input_ids=probe).logits
+        merge(peft_model, model)
+
+    merge = baselines.merge_lora
+    monkeypatch.setattr(baselines, "merge_lora", merge_after_recording)
+    before = snapshot(load(tiny_models, arch))
+    eight = dataclasses.replace(few_texts, reference=few_texts.reference[:8])  # 5 steps: one batch per epoch
+    model, facts = run("crow", tiny_models, arch, eight, small_meta, seed=5)
+    assert (facts["steps"], facts["examples"]) == (5, 8)
+    assert (facts["epsilon"], facts["alpha"]) == (0.1, 5.5)
+    assert all(math.isfinite(facts[k]) for k in ("final_loss", "final_lm_loss", "final_consistency_loss"))
+    assert facts["final_loss"] == pytest.approx(facts["final_lm_loss"] + 5.5 * facts["final_consistency_loss"])
+
+    after = snapshot(model)
+    assert list(after) == list(before)  # no peft wrappers or lora_ weights left behind
+    linear = {layer.name + ".weight" for layer in find_adapted_layers(model, small_meta.target_projections)}
+    assert len(linear) == 14
+    for name in linear:
+        assert not torch.equal(after[name], before[name]), name
+    untouched = set(after) - linear
+    assert any("embed" in name for name in untouched) and any("norm" in name for name in untouched)
+    for name in untouched:
+        assert torch.equal(after[name], before[name]), name
+    assert_frozen(model)
+    with torch.no_grad():
+        merged = model(input_ids=probe).logits
+    assert torch.allclose(merged, adapted["logits"], atol=1e-5, rtol=1e-4)
+
+
+def test_crow_is_deterministic_for_a_seed(tiny_models, few_texts):
+    tokenizer = modelio.load_tokenizer(tiny_models["llama"])
+
+    def crow(seed: int):
+        model = load(tiny_models, "llama")
+        facts = baselines.crow(model, tokenizer, few_texts.reference, seed, answer_tokens=4, samples=4)
+        return snapshot(model), facts
+
+    weights, facts = crow(5)
+    assert (facts["steps"], facts["examples"]) == (5, 4)  # the first 4 prompts, one batch per epoch
+    again, again_facts = crow(5)
+    assert again_facts == facts
+    for name, value in again.items():
+        assert torch.equal(value, weights[name]), name
+    other, _ = crow(6)
+    assert any(not torch.equal(other[name], weights[name]) for name in weights)
