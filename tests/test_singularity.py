@@ -1,6 +1,10 @@
-"""The container recipe ships every file where the code looks for it."""
+"""The container recipe ships every file where the code looks for it, and (slow) the Python it
+builds runs mitigate and test as the contained image would."""
 
 import re
+import subprocess
+
+import pytest
 
 from telelora import metaparameters
 
@@ -42,3 +46,18 @@ def test_every_file_exists_and_lands_where_the_code_expects_it():
     assert destinations[schema.name] == "/metaparameters_schema.json"
     assert destinations["learned_parameters"] == "/learned_parameters"
     assert (REPO / "learned_parameters" / "generators.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_the_images_python_runs_both_routes_and_test(tmp_path):
+    """scripts/image_check.sh: the recipe's torch from PyPI, exactly what %post installs, the
+    %files layout, then mitigate (both routes) and test as the contained image runs them.
+    GBs of downloads (torch's CUDA build) and about 5 minutes on 2 cores, hence slow (CI
+    deselects it)."""
+    result = subprocess.run(
+        ["bash", str(REPO / "scripts" / "image_check.sh"), str(tmp_path / "image-check")],
+        capture_output=True,
+        text=True,
+        timeout=3600,
+    )
+    assert result.returncode == 0 and "IMAGE CHECK PASSED" in result.stdout, (result.stdout + result.stderr)[-5000:]
