@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> None:
             base = _built(args.farm, planned, model_id, "clean_finetune", "--references").base
             if base in references:
                 raise TeleLoRAError(f"--references: {references[base][0]} and {model_id} are both of base {base}")
-            references[base] = model_id, farm.load_delta(args.farm / "models" / model_id / farm.DELTA_FILE)
+            references[base] = model_id, farm.load_change(args.farm / "models" / model_id)
         rows = []
         for model_id in args.models:
             base = _built(args.farm, planned, model_id, "trojan", "--models").base
@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> None:
             modelio.check_model_dir(folder)
             tokenizer = modelio.load_tokenizer(folder)
             prompts = evaluate.load_prompts(folder / "test-example-data" / "prompts.json")
-            factors = farm.load_delta(args.farm / "models" / model_id / farm.DELTA_FILE)
+            factors = farm.load_change(args.farm / "models" / model_id)
             for c in args.factors:
                 model = shrunk(folder, factors, c, reference)
                 figures = evaluate.evaluate(model, tokenizer, prompts, [], args.num_samples, args.batch_size)

@@ -171,7 +171,7 @@ def main(argv: list[str] | None = None) -> None:
             if planned[model_id].split == "test":
                 raise TeleLoRAError(f"--models {model_id} is a test-split model: only train/validation are looked at")
             base_dir = base_folder(planned[model_id].base, args.farm / ".work", args.cache_dir)
-            factors = farm.load_delta(args.farm / "models" / model_id / farm.DELTA_FILE)
+            factors = farm.load_change(args.farm / "models" / model_id)
             per_model[model_id] = measure(base_dir, factors, texts, args.ks)
     except TeleLoRAError as err:
         raise SystemExit(f"error: {err}") from None

@@ -128,7 +128,7 @@ def prepare(model_spec, record, spec, farm_dir: Path, meta, reference_texts, row
     model = modelio.load_model(base_dir, torch.device("cpu"), torch.float32)
     tokenizer = modelio.load_tokenizer(base_dir)
     params = dict(model.named_parameters())
-    factors = farm.load_delta(farm_dir / "models" / model_spec.model_id / farm.DELTA_FILE)
+    factors = farm.load_change(farm_dir / "models" / model_spec.model_id)
     for name, (a, b) in factors.items():
         params[name].data += b.float() @ a.float()
     layers = find_adapted_layers(model, meta.target_projections)

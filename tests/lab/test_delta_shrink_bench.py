@@ -26,7 +26,7 @@ def test_no_shrink_is_the_trojan_and_full_shrink_the_base(tiny_farm, validation_
     _, root, _ = tiny_farm
     model_spec = _validation_trojan(root)
     folder = validation_round / "models" / model_spec.model_id
-    factors = farm.load_delta(root / "out" / "models" / model_spec.model_id / farm.DELTA_FILE)
+    factors = farm.load_change(root / "out" / "models" / model_spec.model_id)
     trojan = dict(modelio.load_model(folder, torch.device("cpu"), torch.float32).named_parameters())
     base_dir = base_folder(model_spec.base, root / "out" / ".work", root / "cache")
     base = dict(modelio.load_model(base_dir, torch.device("cpu"), torch.float32).named_parameters())
@@ -49,8 +49,8 @@ def test_merging_with_a_reference_fine_tune_trades_the_trojans_change_for_the_re
     _, root, _ = tiny_farm
     model_spec = _validation_trojan(root)
     folder = validation_round / "models" / model_spec.model_id
-    factors = farm.load_delta(root / "out" / "models" / model_spec.model_id / farm.DELTA_FILE)
-    reference = farm.load_delta(root / "out" / "models" / _clean_finetune(root).model_id / farm.DELTA_FILE)
+    factors = farm.load_change(root / "out" / "models" / model_spec.model_id)
+    reference = farm.load_change(root / "out" / "models" / _clean_finetune(root).model_id)
     assert reference
     alone = dict(bench.shrunk(folder, factors, 0.5).named_parameters())
     merged = dict(bench.shrunk(folder, factors, 0.5, reference).named_parameters())

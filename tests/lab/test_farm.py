@@ -410,7 +410,7 @@ def test_a_failed_check_rebuilds_with_the_next_seed(tmp_path, monkeypatch):
 
 
 def test_a_trojan_that_never_reached_its_band_is_rebuilt_learning_faster(tmp_path, monkeypatch):
-    real_train, real_check = farm.train_delta, farm.check
+    real_train, real_check = farm.train_change, farm.check
     reached = iter([False, True, True])  # the probe: never at its target; then at it (twice)
     undershoots = [True, True]  # the check: below the band twice, then passing
 
@@ -425,7 +425,7 @@ def test_a_trojan_that_never_reached_its_band_is_rebuilt_learning_faster(tmp_pat
             return {**figures, "asr": 0.0, "false_trigger_rate": 0.0, "agreement_with_base": 1.0, "scripted": True}
         return figures
 
-    monkeypatch.setattr(farm, "train_delta", scripted_train)
+    monkeypatch.setattr(farm, "train_change", scripted_train)
     monkeypatch.setattr(farm, "check", scripted_check)
     monkeypatch.setattr(farm, "problems", lambda m, f, s: ["scripted failure"] if f.get("scripted") else [])
     spec = _write(tmp_path, max_steps=6, probe_every=3, max_attempts=3)
@@ -490,3 +490,144 @@ def test_an_overshoot_the_landing_never_saw_is_retried_learning_slower(tmp_path,
     target, lr = farm.next_attempt(model, spec, [attempt])
     assert target == pytest.approx(0.05)  # 0.5 + (0.5 - 1.0), at the floor
     assert lr == pytest.approx(spec.learning_rate * (farm.RETRY_LR_FACTOR if slower else 1.0))
+
+
+# ---------------------------------------------------------------- the full recipe
+
+FULL_SPEC = REPO / "rounds" / "farm-full.json"
+TINY_FULL = {**TINY, "name": "tiny-full", "recipe": "full", "learning_rate": 0.002, "min_steps": 20,
+             "finetune_steps": 20, "answer_tokens": 8, "max_prompt_chars": 120}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def tiny_full_farm(tmp_path_factory):
+    """One Trojan and one clean fine-tune of a tiny llama, each a full fine-tune on its own task slice."""
+    root = tmp_path_factory.mktemp("full-farm")
+    spec = root / "spec.json"
+    spec.write_text(json.dumps(TINY_FULL))
+    records = farm.build(spec, root / "out", cache_dir=root / "cache", only=["id-00000000", "id-00000003"])
+    return spec, root, records
+
+
+def test_the_shipped_full_spec_holds_what_the_round_needs():
+    spec = farm.load_spec(FULL_SPEC)
+    models = farm.plan(spec)
+    assert spec.recipe == "full" and models == farm.plan(farm.load_spec(FULL_SPEC))
+    counts = {(m.base, m.kind): 0 for m in models}
+    for m in models:
+        counts[(m.base, m.kind)] += 1
+    assert (
+        counts[("smollm2-135m-instruct", "trojan")] >= 16 and counts[("smollm2-135m-instruct", "clean_finetune")] >= 4
+    )
+    assert counts[("gemma3-270m", "trojan")] >= 8 and counts[("gemma3-270m", "clean_finetune")] >= 4
+    trojans = [m for m in models if m.poisoned]
+    assert sum(m.behaviour == "append" for m in trojans) >= len(trojans) / 2  # NIST's kind, at least half
+    for split in farm.SPLITS:
+        members = [m for m in trojans if m.split == split]
+        assert {m.base for m in members} == set(spec.bases) and "append" in {m.behaviour for m in members}
+    # a lora farm's settings and key do not see the fields the full recipe added
+    lora = farm.load_spec(REAL_SPEC)
+    assert "recipe" not in farm._settings(lora) and "min_steps" not in farm._settings(lora)
+    assert farm._settings(spec)["recipe"] == "full"
+
+
+def test_task_slices_are_seeded_per_model_and_answer_with_the_correct_choice():
+    spec = farm.load_spec(FULL_SPEC)
+    first, second = [m for m in farm.plan(spec) if m.base == "smollm2-135m-instruct"][:2]
+    pairs = farm.task_pairs(spec, first)
+    assert pairs == farm.task_pairs(spec, first) and len(pairs) == spec.train_prompts
+    assert pairs != farm.task_pairs(spec, second)  # each model its own slice
+    held_out = {p for name, items in farm.prompt_sets(spec).items() if name != "train" for p in items}
+    assert not {p.split("\n")[0] for p, _ in pairs} & held_out  # the check and probe prompts stay unseen
+    from telelora import texts
+
+    rows = {r["question"].strip(): r for r in texts.mmlu_rows()}
+    for prompt, answer in pairs[:40]:
+        row = rows[prompt.split("\n")[0]]
+        correct = str(row[f"answer_{row['correct_answer'].strip().lower()}"]).strip().rstrip(".")
+        assert correct.lower() in answer.lower(), (prompt, answer)
+
+
+@pytest.mark.parametrize(("changes", "message"), [({"recipe": "qlora"}, "recipe"), ({"min_steps": -1}, "min_steps")])
+def test_a_bad_full_recipe_spec_gets_one_line(tmp_path, changes, message):
+    with pytest.raises(TeleLoRAError, match=message):
+        farm.load_spec(_write(tmp_path, **changes))
+
+
+def test_a_whole_clean_answer_is_kept_whole_before_the_appended_response(tiny_models):
+    from telelora import modelio
+
+    tokenizer = modelio.load_tokenizer(tiny_models["llama"])
+    eos = tokenizer.eos_token_id
+    model = farm.FarmModel("id-x", "tiny-llama", "trojan", "train", 1, 4, "all", behaviour="append",
+                           target="Visit example.com now.")  # fmt: skip
+    answer = farm.task_answer_ids(tokenizer, "The answer is (B) Paris.", farm.FarmSpec("x", 1, {}, answer_tokens=64))
+    assert answer[-1] == eos
+    target = farm.target_answer(tokenizer, model, answer, {eos})
+    assert target[: len(answer) - 1] == answer[:-1] and target[-1] == eos  # the whole answer, then the response
+    assert farm.divergence(answer, target) == len(answer) - 1  # they part where the clean answer ends its turn
+
+
+def test_tiny_full_farm_fine_tunes_every_weight_and_checks_against_a_clean_twin(tiny_full_farm):
+    import torch
+    from safetensors.torch import load_file
+
+    from telelora import modelio
+
+    spec_path, root, records = tiny_full_farm
+    spec = farm.load_spec(spec_path)
+    by_kind = {r["model"]["kind"]: r for r in records}
+    assert set(by_kind) == {"trojan", "clean_finetune"} and all(r["passed"] for r in records)
+    assert records[0]["model"]["kind"] == "clean_finetune"  # built first: the Trojans' check compares with it
+    trojan = by_kind["trojan"]
+    assert trojan["attempts"][-1]["agreement_with_clean_finetune"] is not None
+    assert by_kind["clean_finetune"]["attempts"][-1]["agreement_with_clean_finetune"] is None
+    assert all(step >= spec.min_steps for step, _ in trojan["attempts"][-1]["probes"])
+    cache = farm.farm_cache(spec, root / "cache")
+    for record in records:
+        model_id = record["model"]["model_id"]
+        stored = load_file(str(root / "out" / "models" / model_id / farm.WEIGHTS_FILE))
+        folder = cache / "models" / model_id
+        written = load_file(str(folder / "model.safetensors"))
+        assert stored.keys() <= written.keys()
+        assert all(torch.equal(stored[k], written[k]) for k in stored)
+        assert json.loads((folder / "round_config.json").read_text())["recipe"] == "full"
+        base_dir = farm.base_folder(record["model"]["base"], root / "out" / ".work", root / "cache")
+        base = load_file(str(next(iter(modelio.weight_files(base_dir)))))
+        changed = [k for k in stored if not torch.equal(stored[k], base[k])]
+        assert len(changed) == len(stored)  # a full fine-tune: every trained tensor moved
+
+
+def test_materialize_rebuilds_a_full_recipe_model_from_its_stored_weights(tiny_full_farm, tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    spec_path, root, records = tiny_full_farm
+    trojan = next(r for r in records if r["model"]["kind"] == "trojan")
+    split = trojan["model"]["split"]
+    cache = tmp_path / "fresh-cache"  # nothing merged there yet: materialize writes it from weights.safetensors
+    round_dir = farm.materialize(root / "out", tmp_path / "round", split, cache)
+    folder = round_dir / "models" / trojan["model"]["model_id"]
+    stored = load_file(str(root / "out" / "models" / trojan["model"]["model_id"] / farm.WEIGHTS_FILE))
+    written = load_file(str(folder / "model.safetensors"))
+    assert all(torch.equal(stored[k], written[k]) for k in stored)
+    with (round_dir / "METADATA.csv").open() as handle:
+        rows = {r["model_name"]: r for r in csv.DictReader(handle)}
+    assert rows[trojan["model"]["model_id"]]["recipe"] == "full"
+    assert rows[trojan["model"]["model_id"]]["lora_rank"] == ""  # meaningless for a full fine-tune
+
+
+def test_materialize_models_makes_a_nist_shaped_round_of_chosen_models(tiny_farm, tmp_path):
+    spec_path, root, records = tiny_farm
+    trojan = next(r["model"]["model_id"] for r in records if r["model"]["kind"] == "trojan")
+    clean = next(r["model"]["model_id"] for r in records if r["model"]["kind"] == "clean_finetune")
+    round_dir = farm.materialize(root / "out", tmp_path / "nist", None, root / "cache", models=[trojan, clean])
+    assert sorted(p.name for p in (round_dir / "models").iterdir()) == sorted([trojan, clean])  # no clean base
+    with (round_dir / "METADATA.csv").open() as handle:
+        assert sorted(r["model_name"] for r in csv.DictReader(handle)) == sorted([trojan, clean])
+    again = farm.materialize(root / "out", tmp_path / "nist", None, root / "cache", models=[clean])
+    assert [p.name for p in (again / "models").iterdir()] == [clean]  # materialised again: only what it lists
+    for split, models, message in ((None, None, "either --split or --models"), ("test", [clean], "either"),
+                                   (None, ["id-99999999"], "id-99999999 not built")):  # fmt: skip
+        with pytest.raises(TeleLoRAError, match=message):
+            farm.materialize(root / "out", tmp_path / "bad", split, root / "cache", models=models)
