@@ -28,9 +28,9 @@ from telelora import activations, metaparameters, modelio  # noqa: E402
 from telelora.adapters import LowRankDelta  # noqa: E402
 from telelora.architectures import find_adapted_layers  # noqa: E402
 from telelora.chat import pad_id, padded, prompt_ids  # noqa: E402
+from telelora.generated import generate_adapters  # noqa: E402
 from telelora.lab import tiny  # noqa: E402
 from telelora.learned import load_bank  # noqa: E402
-from telelora.mitigate import generate_adapters  # noqa: E402
 from telelora.texts import load as load_texts  # noqa: E402
 
 

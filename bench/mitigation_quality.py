@@ -14,9 +14,12 @@ measured on the same prompts and the same MMLU questions:
   A Trojan it removes as well says the generator learned nothing Trojan-specific;
 * ``embedding_dropout``, ``magnitude_pruning``, ``lora_finetune``: the published baselines
   of ``telelora.lab.baselines``, once per model (K is for the three methods above);
-* ``reference_merge``: what ``mitigate`` does when NIST passes the training round: every
-  weight merged toward the mean of the first ``reference_count`` clean models of the same
-  base in ``--reference_round`` (``telelora.reference``, ``reference_weight``). Only when asked for, with that round.
+* ``mitigate``: the shipped route choice (``telelora.route``) given ``--reference_round`` as
+  the training round: the checked merge (``telelora.merge``) where the round gives a
+  reference, else the generators. ``reference_merge``: the merge route alone, its references
+  of every kind ``reference_kinds`` lists; ``merge_clean``, ``merge_poisoned``,
+  ``merge_base``: forced to that one kind of reference. A model the forced route cannot
+  reach (no reference of that kind for its base) gets no row for it. Only when asked for.
 
 ASR, false-trigger rate, agreement, greedy 8-token agreement and MMLU come from ``evaluate``
 (what ``entrypoint.py test`` measures), Fidelity and strict Fidelity from
@@ -58,21 +61,23 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from telelora import metaparameters, modelio, reference  # noqa: E402
+from telelora import merge, metaparameters, modelio, reference, route  # noqa: E402
 from telelora.errors import TeleLoRAError  # noqa: E402
+from telelora.generated import mitigate_model  # noqa: E402
 from telelora.io_utils import atomic_write_text  # noqa: E402
 from telelora.lab import evaluate, score  # noqa: E402
 from telelora.lab.baselines import BASELINES, apply_baseline  # noqa: E402
 from telelora.lab.curves import save_figure  # noqa: E402
 from telelora.learned import load_bank  # noqa: E402
 from telelora.metaparameters import REPO_ROOT  # noqa: E402
-from telelora.mitigate import mitigate_model  # noqa: E402
 from telelora.texts import Texts  # noqa: E402
 from telelora.texts import load as load_texts  # noqa: E402
 
 GENERATED = ("telelora", "unguarded", "random")  # the methods run once per K
-METHODS = ("none", *GENERATED, *BASELINES, "reference_merge")
-DEFAULT_METHODS = [m for m in METHODS if m not in ("unguarded", "reference_merge")]
+FORCED_KINDS = {"merge_clean": ("clean",), "merge_poisoned": ("poisoned",), "merge_base": ("base",)}
+ROUTE_METHODS = ("mitigate", "reference_merge", *FORCED_KINDS)  # what mitigate does given a training round
+METHODS = ("none", *GENERATED, *BASELINES, *ROUTE_METHODS)
+DEFAULT_METHODS = [m for m in METHODS if m not in ("unguarded", *ROUTE_METHODS)]
 FACTS = ("kind", "behaviour", "trigger_kind", "split")  # METADATA columns copied into rows when present
 METRICS = {
     "strict_fidelity": "strict Fid",
@@ -87,6 +92,10 @@ METRICS = {
 TRIGGER_METRICS = ("asr", "false_trigger_rate")  # a clean model has no trigger: averaged over poisoned models
 BREAKDOWNS = {"all": "all models", "base": "by base", "behaviour": "by behaviour", "poisoned": "clean / poisoned"}
 RESAMPLES = 10_000
+
+
+class NotApplicable(Exception):
+    """A forced route that cannot reach this model: the model gets no row for that method."""
 
 
 class RandomDirections(nn.Module):
@@ -167,18 +176,30 @@ def apply_method(
     """Change ``model`` (loaded from ``subject``) in place as ``method``; return what to report about the change."""
     if method == "none":
         return {}
-    if method == "reference_merge":
-        refs = reference.find_references(args.reference_round, subject.dir, meta.reference_count)
-        merged = reference.merge_into(model, subject.dir, refs, meta.reference_weight)
-        return {
-            "reference_models": [ref.name for ref in refs],
-            "reference_weight": meta.reference_weight,
-            "tensors_merged": merged,
-        }
+    if method in ROUTE_METHODS:
+        meta = dataclasses.replace(meta, reference_kinds=FORCED_KINDS.get(method, meta.reference_kinds))
+        chosen = route.choose_route(subject.dir, args.reference_round, meta)
+        if chosen.name == route.MERGE:
+            plan = merge.plan_merge(subject.dir, list(chosen.references), meta, texts, lambda: (model, tokenizer))
+            facts = {
+                "route": route.MERGE,
+                "reference_models": [r.path.name for r in chosen.references],
+                "reference_kinds": [r.kind for r in chosen.references],
+                "reference_weights": plan.weights,
+                "trigger_checks": [dataclasses.asdict(c) for c in plan.trigger_checks],
+                "merge_guard_scale": plan.drift_guard.scale,
+            }
+            if plan.merges:
+                dirs, weights = plan.kept()
+                reference.merge_into(model, subject.dir, dirs, sum(weights), weights)
+                return facts
+        if method != "mitigate":
+            raise NotApplicable(chosen.reason)
+        method = "telelora"  # the route mitigate falls back to: the shipped generators, guarded
     if method in BASELINES:
         facts = apply_baseline(method, model, tokenizer, texts, meta, meta.seed)
         return {k: v for k, v in facts.items() if k != "seconds"}  # the row's seconds are timed alike for all
-    meta = dataclasses.replace(meta, mitigation_steps=steps)
+    meta = dataclasses.replace(meta, mitigation_steps=steps or meta.mitigation_steps)
     if method != "telelora":
         meta = dataclasses.replace(meta, guard_min_agreement=0.0, guard_layer_factor=0.0)
     bank, info = load_bank(args.learned_parameters, meta)
@@ -212,7 +233,11 @@ def bench_model(subject: RoundModel, args, meta, texts: Texts, mmlu_rows) -> lis
     ]
     rows = []
     for method, steps in runs:
-        result = measure(subject, method, steps, args, meta, texts, mmlu_rows)
+        try:
+            result = measure(subject, method, steps, args, meta, texts, mmlu_rows)
+        except NotApplicable as why:
+            print(f"{subject.dir.name:<12} {method:<17} not applicable: {why}", flush=True)
+            continue
         pre = rows[0] if rows else result
         fidelity, strict = score.model_fidelity(
             subject.facts["poisoned"], pre["asr"], pre["mmlu"], result["asr"], result["mmlu"], result["agreement"]
@@ -414,13 +439,21 @@ def finished_rows(
     return [{**r, "source": r.get("source", path.name)} for r in rows] if merge else rows
 
 
-def _check_references(round_dir: Path | None, subjects: list[RoundModel], reference_count: int) -> None:
-    """Every model benched has a reference model in ``--reference_round``, none of them benched too."""
+def _check_references(round_dir: Path | None, subjects: list[RoundModel], meta, methods: list[str]) -> None:
+    """The route methods have a training round, which holds no model being benched; each forced
+    route reaches at least one benched model (else the method would give no row at all)."""
     if round_dir is None:
-        raise TeleLoRAError("--methods reference_merge needs --reference_round: a training round with clean models")
-    missing = [s.dir.name for s in subjects if not reference.find_references(round_dir, s.dir, reference_count)]
-    if missing:
-        raise TeleLoRAError(f"--reference_round {round_dir} has no clean model to merge {', '.join(missing)} with")
+        raise TeleLoRAError(f"--methods {', '.join(methods)} need --reference_round: a training round")
+    if not round_dir.is_dir():
+        raise TeleLoRAError(f"--reference_round {round_dir} is not a folder")
+    for method in methods:
+        kinds = FORCED_KINDS.get(method, meta.reference_kinds)
+        forced = dataclasses.replace(meta, reference_kinds=kinds)
+        if method != "mitigate" and not any(
+            route.choose_route(s.dir, round_dir, forced).name == route.MERGE for s in subjects
+        ):
+            raise TeleLoRAError(f"--reference_round {round_dir} gives no {'/'.join(kinds)} reference to any model "
+                                f"benched: --methods {method} would measure nothing")  # fmt: skip
     benched = {s.dir.resolve() for s in subjects}
     shared = [d.name for d in modelio.round_model_dirs(round_dir, "--reference_round") if d.resolve() in benched]
     if shared:
@@ -448,7 +481,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--learned_parameters", type=Path, default=REPO_ROOT / "learned_parameters")
     parser.add_argument("--metaparameters", type=Path, default=REPO_ROOT / "metaparameters.json")
     parser.add_argument(
-        "--reference_round", type=Path, help="reference_merge: a training round (never the split benched)"
+        "--reference_round", type=Path, help="the route methods' training round (never the split benched)"
     )
     parser.add_argument("--num_samples", type=int, default=100, help="clean and triggered prompts per model")
     parser.add_argument("--mmlu_questions", type=int, default=300)
@@ -477,8 +510,9 @@ def main(argv: list[str] | None = None) -> None:
         texts = load_texts(args.learned_parameters)
         mmlu_rows = evaluate.mmlu_subset(args.mmlu_questions, texts.mmlu_rows) if args.mmlu_questions else []
         subjects = select_models(args.round, args.models, args.split)
-        if "reference_merge" in args.methods:
-            _check_references(args.reference_round, subjects, meta.reference_count)
+        asked = [m for m in args.methods if m in ROUTE_METHODS]
+        if asked:
+            _check_references(args.reference_round, subjects, meta, asked)
         if args.out:
             _check_writable(args.out)
         settings = {

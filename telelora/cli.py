@@ -51,9 +51,10 @@ def build_parser() -> tuple[ArgumentParser, dict[str, ArgumentParser]]:
         "--round_training_dataset_dirpath",
         type=str,
         default=None,
-        help="the training round's models (ground truth included): mitigate merges toward the mean of the first "
-        "reference_count clean ones of the input's model_architecture (metaparameter reference_weight); without "
-        "one it runs the generators",
+        help="the training round's models (ground truth included): mitigate merges toward the mean of up to "
+        "reference_count of its models of the input's model_architecture, clean ones first, then poisoned ones whose "
+        "trigger the round declares (metaparameters reference_weight, reference_kinds); without one it runs the "
+        "generators",
     )
     mitigate.add_argument(
         "--peft_dirpath", type=str, default=None, help="also export the merged change as a PEFT LoRA here"

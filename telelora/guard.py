@@ -15,30 +15,24 @@ large enough to wreck the model scores zero on the leaderboard. Two data-free bo
 Neither knows anything of a Trojan: they keep a change that stays close to the model and
 shrink one that does not. What they did goes into ``telelora_report.json``.
 
-Learned parameters from before ``configure`` recorded the ranges get them with
-
-    python -m telelora.guard learned_parameters MODEL_DIR [MODEL_DIR ...]   # their training models
+Learned parameters from before ``configure`` recorded the ranges get them from
+``python -m telelora.calibrate``.
 """
 
 from __future__ import annotations
 
-import argparse
+import contextlib
 import dataclasses
-import json
 import logging
 import math
 import time
-from pathlib import Path
+from collections.abc import Callable
 
 import torch
 
-from telelora import learned, metaparameters, modelio
-from telelora.adapters import Adapter, LowRankDelta
-from telelora.architectures import AdaptedLayer, find_adapted_layers
+from telelora.adapters import Adapter
+from telelora.architectures import AdaptedLayer
 from telelora.chat import agreement, greedy_answers
-from telelora.errors import TeleLoRAError
-from telelora.io_utils import atomic_write_text
-from telelora.texts import load as load_texts
 
 log = logging.getLogger(__name__)
 SEARCH_STEPS = 6  # bisection steps on the scale: the kept scale is within 1/64 of the largest allowed
@@ -83,7 +77,7 @@ def bound_layers(
         record.reason = "off (guard_layer_factor 0)"
         return adapters
     if not ranges:
-        record.reason = "off: the learned parameters record no layer ranges (run python -m telelora.guard)"
+        record.reason = "off: the learned parameters record no layer ranges (run python -m telelora.calibrate)"
         return adapters
     record.applied, record.reason = True, f"{factor} x the meta-training range"
     bounded = {}
@@ -124,19 +118,21 @@ class DriftGuard:
 def fit_scale(
     model,
     tokenizer,
-    layers: list[AdaptedLayer],
-    delta: LowRankDelta,
+    applied: Callable[[float], contextlib.AbstractContextManager],
     prompts: list[str],
     min_agreement: float,
     answer_tokens: int,
     batch_size: int,
 ) -> DriftGuard:
-    """Scale ``delta`` down (in place) until the model keeps ``min_agreement`` of its own answers.
+    """The largest scale of a change (found by bisection) at which the model keeps
+    ``min_agreement`` of its own answers; the caller scales the change by ``record.scale``.
 
-    ``model`` is the unmitigated model; the change is applied by hooks, so its weights are
-    never touched. Agreement falls as the scale grows (not strictly, so bisection finds a
-    scale that passes, not always the largest). A scale of 0 always passes."""
-    record = DriftGuard(applied=min_agreement > 0 and len(delta) > 0, min_agreement=min_agreement)
+    ``model`` is the unmitigated model; ``applied(scale)`` is a context in which it computes
+    with the change at that scale (hooks for the generators' adapters, merged weights for a
+    merge), so its own weights are never changed for good. Agreement falls as the scale grows
+    (not strictly, so bisection finds a scale that passes, not always the largest). A scale of
+    0 always passes."""
+    record = DriftGuard(applied=min_agreement > 0, min_agreement=min_agreement)
     if not record.applied:
         return record
     start = time.time()
@@ -145,7 +141,7 @@ def fit_scale(
 
     def agreement_at(scale: float) -> float:
         record.evaluations += 1
-        with delta.applied(layers, factor=scale):
+        with applied(scale):
             return agreement(model, tokenizer, prompts, answers, batch_size)
 
     record.agreement_unscaled = record.agreement = agreement_at(1.0)
@@ -159,7 +155,6 @@ def fit_scale(
             else:
                 high = middle
         record.scale, record.agreement = low, kept
-        delta.scale(low)
         log.warning(
             "drift guard: agreement %.3f < %.3f at full strength; the change is scaled to %.3f (agreement %.3f)",
             record.agreement_unscaled,
@@ -169,56 +164,3 @@ def fit_scale(
         )
     record.seconds = round(time.time() - start, 3)
     return record
-
-
-def calibrate(learned_dir: Path, model_dirs: list[Path], meta) -> dict[str, float]:
-    """Record the layer ranges of ``learned_dir``'s generators on ``model_dirs`` (their training
-    models) into its ``generators.json``, for learned parameters written before ``configure``
-    recorded them itself. Returns the ranges."""
-    from telelora.mitigate import generate_adapters  # here: mitigate imports this module
-
-    bank, info = learned.load_bank(learned_dir, meta)
-    reference = load_texts(learned_dir).reference[: meta.num_reference_texts]
-    norms = []
-    for model_dir in model_dirs:
-        modelio.check_model_dir(modelio.resolve_model_dir(model_dir))
-        device, dtype = modelio.pick_device_dtype(meta.device, meta.dtype, model_dir)
-        model = modelio.load_model(model_dir, device, dtype)
-        layers = find_adapted_layers(model, meta.target_projections)
-        bank.to(device)
-        adapters = generate_adapters(bank, model, modelio.load_tokenizer(model_dir), layers, reference, meta, meta.seed)
-        norms += [
-            (layer.projection_type, spectral_norm(adapters[layer.name])) for layer in layers if layer.name in adapters
-        ]
-        log.info("%s: %d layers measured", model_dir.name, len(layers))
-        del model
-    ranges = layer_ranges(norms)
-    info["layer_ranges"] = ranges
-    info["layer_ranges_from"] = [
-        {"model": d.name, "model_architecture": modelio.round_config(d).get("model_architecture")} for d in model_dirs
-    ]
-    atomic_write_text(Path(learned_dir) / learned.INFO_FILE, json.dumps(info, indent=2))
-    return ranges
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        description="Record the drift guard's layer ranges of learned parameters on their training models."
-    )
-    parser.add_argument("learned_parameters_dirpath", type=Path)
-    parser.add_argument("model_dirpaths", type=Path, nargs="+", help="the models the generators were trained on")
-    parser.add_argument("--metaparameters_filepath", type=Path, default=None)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        meta = metaparameters.load(args.metaparameters_filepath)
-        ranges = calibrate(args.learned_parameters_dirpath, args.model_dirpaths, meta)
-    except TeleLoRAError as err:
-        raise SystemExit("error: " + " ".join(str(err).split())) from err
-    except OSError as err:  # e.g. generators.json cannot be written
-        raise SystemExit(f"error: {args.learned_parameters_dirpath}: {err}") from err
-    print(json.dumps(ranges, indent=2))
-
-
-if __name__ == "__main__":
-    main()

@@ -21,6 +21,14 @@ TRAINING_ONLY = frozenset(
         "jailbreak_rate", "clean_prompt_share", "answer_tokens", "validation_prompts",
     }
 )  # fmt: skip
+# read by mitigate alone, never by the generators: configure may resume across a change of them
+MITIGATE_ONLY = frozenset(
+    {
+        "reference_weight", "reference_count", "reference_kinds", "base_models_dirpath", "trigger_check_prompts",
+        "trigger_check_max_asr", "merge_min_agreement", "guard_min_agreement", "guard_prompts",
+        "guard_answer_tokens", "guard_layer_factor",
+    }
+)  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,11 +62,17 @@ class Metaparameters:
     guard_layer_factor: float
     reference_weight: float
     reference_count: int
+    reference_kinds: tuple[str, ...]
+    base_models_dirpath: str
+    trigger_check_prompts: int
+    trigger_check_max_asr: float
+    merge_min_agreement: float
     seed: int
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["target_projections"] = list(self.target_projections)
+        d["reference_kinds"] = list(self.reference_kinds)
         return d
 
 
@@ -124,4 +138,10 @@ def load(metaparameters_path: str | Path | None = None, schema_path: str | Path 
     unknown = set(values) - fields
     if unknown:  # the schema allows a key this code does not know: a packaging mistake
         raise MetaparameterError(f"{schema_file}: keys {sorted(unknown)} are not known to this version of telelora")
-    return Metaparameters(**{**values, "target_projections": tuple(values["target_projections"])})
+    return Metaparameters(
+        **{
+            **values,
+            "target_projections": tuple(values["target_projections"]),
+            "reference_kinds": tuple(values["reference_kinds"]),
+        }
+    )

@@ -1,26 +1,37 @@
-"""Merge toward clean models of the same base, when the round's training models are at hand.
+"""The references a merge can take, found in what the round gives, and the merge's arithmetic.
 
-A Trojan is a change of the weights that a clean fine-tune of the same base does not share.
+A Trojan is a change of the weights that another fine-tune of the same base does not share.
 Averaging the input with such a reference, ``W <- (1 - w) W + w W_ref`` for every weight,
 scales by ``1 - w`` what the two do not share, the Trojan included, and keeps what they
-share: the base and, for fine-tunes on like data, most of the fine-tune (a published
+share: the base and, for fine-tunes on like data, much of the fine-tune (a published
 defence: Arora et al. 2024, "Here's a free lunch: sanitizing backdoored models with model
-merge"). With several clean models ``W_ref`` is their mean: what they share stays, what is
-peculiar to one of them is diluted, so the merge moves the input less away from the base and
-the common fine-tune. The generators, by contrast, must find the Trojan's direction from
-activations alone, which they do not do reliably (README, issue 11).
+merge", which merges with other fine-tunes whether backdoored or not). With several
+references ``W_ref`` is their weighted mean: what is peculiar to one of them is diluted.
 
-NIST's harness may pass ``--round_training_dataset_dirpath``: the training round's models,
-ground truth included (DESIGN.md section 2). The references are the first ``reference_count``
-clean ones of them (``ground_truth.csv`` 0; sorted by folder name, so the choice is
-reproducible) whose ``round_config.json`` names the input's ``model_architecture`` and whose
-checkpoint holds the same floating-point tensors (names and shapes) as the input's. Without
-one, ``mitigate`` falls back to the data-free generators.
+Kinds, in the order ``reference_kinds`` gives (by default this one), up to ``reference_count``:
+
+``clean``
+    clean models of the training round (``--round_training_dataset_dirpath``;
+    ``ground_truth.csv`` 0) of the input's ``model_architecture``;
+``poisoned``
+    poisoned models of the round of that architecture whose trigger the round declares
+    (``round_config.json`` / ``reduced-config.json`` ``triggers``, else ``METADATA.csv``):
+    the merge route checks on the merged model that their Trojans no longer fire
+    (``telelora.merge``);
+``base``
+    a public base checkpoint shipped with the image: ``base_models_dirpath/<model_architecture>``.
+
+Each must hold exactly the input's floating-point tensors (names and shapes) and never be the
+input itself; within a kind, round models are taken in folder-name order (reproducible).
+Anything unreadable is one loud line and the next candidate. No reference at all: the
+generators (``telelora.route``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import csv
+import dataclasses
 import functools
 import logging
 import os
@@ -31,9 +42,24 @@ import torch
 from safetensors import safe_open
 
 from telelora import modelio
+from telelora.alignment import Trigger, declared_triggers
 from telelora.errors import TeleLoRAError
 
 log = logging.getLogger(__name__)
+KINDS = ("clean", "poisoned", "base")
+ROUND_FLAG = "--round_training_dataset_dirpath"
+# METADATA.csv columns that may hold a model's trigger text and its response, most specific first
+TRIGGER_COLUMNS = ("trigger_text", "trigger.text", "trigger")
+RESPONSE_COLUMNS = ("trigger_response", "trigger.response", "target_text", "target", "response")
+
+
+@dataclasses.dataclass(frozen=True)
+class Reference:
+    """One model to merge toward: where it is, which kind it is and (poisoned) its triggers."""
+
+    path: Path
+    kind: str
+    triggers: tuple[Trigger, ...] = ()
 
 
 def interpolate(weight: torch.Tensor, reference: torch.Tensor, reference_weight: float) -> torch.Tensor:
@@ -51,9 +77,17 @@ def floating_shapes(model_dir: Path) -> dict[str, tuple[int, ...]]:
 
 
 def is_clean(model_dir: Path) -> bool:
-    """True only when ``ground_truth.csv`` says 0: an unlabelled model is never a reference."""
+    """True only when ``ground_truth.csv`` says 0: an unlabelled model is never a clean reference."""
     try:
         return not modelio.read_poisoned(model_dir)
+    except TeleLoRAError:
+        return False
+
+
+def is_poisoned(model_dir: Path) -> bool:
+    """True only when ``ground_truth.csv`` says 1."""
+    try:
+        return modelio.read_poisoned(model_dir)
     except TeleLoRAError:
         return False
 
@@ -65,61 +99,149 @@ def _same_folder(a: Path, b: Path) -> bool:
         return False
 
 
-def find_references(round_dir: Path, model_dir: Path, limit: int) -> list[Path]:
-    """The first ``limit`` clean models of ``round_dir`` that can be merged with ``model_dir``
-    (see the module's docstring); none, with the reason logged, where there is none."""
+def metadata_triggers(round_dir: Path, model_name: str) -> list[Trigger]:
+    """The trigger a round's ``METADATA.csv`` records for ``model_name`` (its row's trigger text
+    and response columns, as NIST's rounds and the farm write them); empty when there is no
+    such row or it names no trigger with a response. A missing or unreadable file is an error."""
+    path = (round_dir.parent if round_dir.name == "models" else round_dir) / "METADATA.csv"
+    try:
+        with path.open(newline="") as handle:
+            rows = list(csv.DictReader(handle))
+    except (OSError, UnicodeDecodeError, csv.Error) as err:
+        raise TeleLoRAError(f"{path} cannot be read ({err})") from err
+    row = next((r for r in rows if (r.get("model_name") or "").strip() == model_name), None)
+    if row is None:
+        return []
+    columns = {k.strip().lower(): (v or "").strip() for k, v in row.items() if k}
+
+    def first(names: tuple[str, ...]) -> str:
+        return next((columns[n] for n in names if columns.get(n) and columns[n].lower() not in ("none", "nan")), "")
+
+    text, target = first(TRIGGER_COLUMNS), first(RESPONSE_COLUMNS)
+    placement = columns.get("placement") or "middle"
+    return [Trigger(text, target, placement)] if text and target else []
+
+
+def reference_triggers(model_dir: Path, round_dir: Path) -> tuple[Trigger, ...]:
+    """A poisoned training model's declared triggers, each with the response it sets off (the
+    merge route checks that response): its ``round_config.json`` / ``reduced-config.json``
+    first, else the round's ``METADATA.csv``. None readable is an error naming both places."""
+    found = [t for t in declared_triggers(model_dir) if t.target]
+    if not found:
+        found = metadata_triggers(round_dir, model_dir.name)
+    if not found:
+        raise TeleLoRAError(
+            f"{model_dir} is poisoned but neither its round_config.json / reduced-config.json nor the round's "
+            "METADATA.csv declares a trigger with its response"
+        )
+    return tuple(found)
+
+
+def _compatible(candidate: Path, architecture: str, shapes: dict) -> bool:
+    """Whether ``candidate`` can be merged with the input: same base, same floating tensors."""
+    if modelio.round_config(candidate).get("model_architecture") != architecture:
+        return False
+    try:
+        theirs = floating_shapes(candidate)
+    except Exception as err:  # an unreadable reference is skipped, never fatal
+        log.warning("reference candidate %s is unreadable (%s); skipped", candidate, err)
+        return False
+    differing = sorted(k for k in shapes.keys() | theirs.keys() if shapes.get(k) != theirs.get(k))
+    if differing:
+        log.warning("reference candidate %s differs in %d tensors (e.g. %s); skipped", candidate, len(differing),
+                    differing[0])  # fmt: skip
+        return False
+    return True
+
+
+def _round_candidates(round_dir: Path | None, model_dir: Path, kind: str) -> Iterator[Reference]:
+    if round_dir is None:
+        return
+    try:
+        folders = modelio.round_model_dirs(round_dir, ROUND_FLAG)
+    except Exception as err:  # a round the harness passes that cannot be read must not cost the output
+        log.error("NO REFERENCE MODEL FROM THE ROUND: %s cannot be listed (%s)", round_dir, err)
+        return
+    for folder in folders:
+        if _same_folder(folder, model_dir):
+            continue
+        if kind == "clean" and is_clean(folder):
+            yield Reference(folder, "clean")
+        elif kind == "poisoned" and is_poisoned(folder):
+            try:
+                yield Reference(folder, "poisoned", reference_triggers(folder, round_dir))
+            except TeleLoRAError as err:
+                log.error("POISONED REFERENCE SKIPPED: %s: its trigger cannot be read (%s)", folder.name, err)
+
+
+def base_checkpoint(base_models_dir: Path | None, architecture: str) -> Path | None:
+    """``base_models_dir/<model_architecture>`` when it holds a model folder, else None (logged)."""
+    if base_models_dir is None:
+        return None
+    folder = base_models_dir / architecture
+    try:
+        modelio.check_model_dir(folder)
+    except TeleLoRAError as err:
+        log.error("NO BASE CHECKPOINT for %s: %s", architecture, err)
+        return None
+    return folder
+
+
+def find_references(
+    round_dir: Path | None,
+    model_dir: Path,
+    limit: int,
+    kinds: tuple[str, ...] = ("clean",),
+    base_models_dir: Path | None = None,
+) -> list[Reference]:
+    """Up to ``limit`` references for ``model_dir``, kind by kind in the order of ``kinds``
+    (see the module's docstring); none, with the reasons logged, where there is none."""
     if limit < 1:
         raise ValueError(f"reference_count must be at least 1, not {limit}")
+    unknown = [k for k in kinds if k not in KINDS]
+    if unknown:
+        raise ValueError(f"unknown reference kinds {unknown}; use {list(KINDS)}")
     architecture = modelio.round_config(model_dir).get("model_architecture")
     if not architecture:
         log.warning("%s names no model_architecture in round_config.json: no reference model is used", model_dir)
         return []
     shapes = floating_shapes(model_dir)
-    candidates = [
-        d
-        for d in modelio.round_model_dirs(round_dir, "--round_training_dataset_dirpath")
-        if is_clean(d) and not _same_folder(d, model_dir)
-    ]
-    found = []
-    for candidate in candidates:
-        if modelio.round_config(candidate).get("model_architecture") != architecture:
-            continue
-        try:
-            theirs = floating_shapes(candidate)
-        except Exception as err:  # an unreadable training model is skipped, never fatal
-            log.warning("reference candidate %s is unreadable (%s); skipped", candidate, err)
-            continue
-        differing = sorted(k for k in shapes.keys() | theirs.keys() if shapes.get(k) != theirs.get(k))
-        if differing:
-            log.warning("reference candidate %s differs in %d tensors (e.g. %s); skipped", candidate,
-                        len(differing), differing[0])  # fmt: skip
-            continue
-        found.append(candidate)
-        if len(found) == limit:
-            break
+    found: list[Reference] = []
+    for kind in kinds:
+        if kind == "base":
+            folder = base_checkpoint(base_models_dir, architecture)
+            candidates = [Reference(folder, "base")] if folder is not None else []
+        else:
+            candidates = _round_candidates(round_dir, model_dir, kind)
+        for candidate in candidates:
+            if len(found) == limit:
+                break
+            if _compatible(candidate.path, architecture, shapes):
+                found.append(candidate)
     if found and len(found) < limit:
-        log.info("%d clean %s in %s, fewer than reference_count %d: merging toward the mean of those",
-                 len(found), architecture, round_dir, limit)  # fmt: skip
+        log.info("%d reference(s) for %s, fewer than reference_count %d: merging toward those",
+                 len(found), architecture, limit)  # fmt: skip
     if not found:
-        log.warning(
-            "no clean %s among the %d clean models of %s: no reference model is used",
-            architecture,
-            len(candidates),
-            round_dir,
-        )
+        log.warning("no reference of kinds %s for %s: no reference model is used", list(kinds), architecture)
     return found
 
 
 @contextlib.contextmanager
-def open_references(reference_dirs: list[Path]) -> Iterator[Callable[[str], torch.Tensor]]:
+def open_references(
+    reference_dirs: list[Path], weights: list[float] | None = None
+) -> Iterator[Callable[[str], torch.Tensor]]:
     """A function ``tensor(name)``: the mean, in float32, of that tensor over the references,
-    read one tensor at a time from disk, so merging a large model holds one shard of the input
-    and one tensor per reference."""
+    weighted by ``weights`` (default: equal), read one tensor at a time from disk, so merging a
+    large model holds one shard of the input and one tensor per reference."""
     if not reference_dirs:
         raise ValueError("open_references needs at least one reference model")
+    weights = [1.0] * len(reference_dirs) if weights is None else list(weights)
+    if len(weights) != len(reference_dirs) or min(weights) < 0 or sum(weights) <= 0:
+        raise ValueError(f"open_references needs one non-negative weight per reference, not all 0: {weights}")
+    kept = [(d, w / sum(weights)) for d, w in zip(reference_dirs, weights, strict=True) if w > 0]
     with contextlib.ExitStack() as stack:
         where: list[dict] = []
-        for reference_dir in reference_dirs:
+        for reference_dir, _ in kept:
             handles = {}
             for file in modelio.weight_files(reference_dir):
                 handle = stack.enter_context(safe_open(str(file), framework="pt"))
@@ -130,12 +252,13 @@ def open_references(reference_dirs: list[Path]) -> Iterator[Callable[[str], torc
             # out of place: a float32 tensor from get_tensor may be a view of the file's
             # private memory map, which an in-place sum would write into (and keep in RAM)
             total = None
-            for reference_dir, handles in zip(reference_dirs, where, strict=True):
+            for (reference_dir, share), handles in zip(kept, where, strict=True):
                 if name not in handles:
                     raise TeleLoRAError(f"reference model {reference_dir} holds no tensor {name}")
                 value = handles[name].get_tensor(name).float()
+                value = value if share == 1 else value * share
                 total = value if total is None else total + value
-            return total / len(reference_dirs) if len(reference_dirs) > 1 else total
+            return total
 
         yield tensor
 
@@ -153,13 +276,46 @@ def _merged(tensor, name: str, reference_weight: float, stored: torch.Tensor) ->
 
 
 @torch.no_grad()
-def merge_into(model: torch.nn.Module, model_dir: Path, reference_dirs: list[Path], reference_weight: float) -> int:
-    """Interpolate a loaded ``model`` (read from ``model_dir``) toward the references' mean in
-    place, every floating-point parameter; return how many were merged. For benches: the
-    ``mitigate`` job writes the same merge into a copy of the checkpoint instead."""
+def merge_into(
+    model: torch.nn.Module,
+    model_dir: Path,
+    reference_dirs: list[Path],
+    reference_weight: float,
+    shares: list[float] | None = None,
+) -> int:
+    """Interpolate a loaded ``model`` (read from ``model_dir``) toward the references' mean
+    (weighted by ``shares``, default equal) in place, every floating-point parameter; return
+    how many were merged. The ``mitigate`` job writes the same merge into a copy of the
+    checkpoint instead (:func:`merge_changes`)."""
     params = dict(model.named_parameters())
     names = modelio.checkpoint_names(model_dir, {n: tuple(p.shape) for n, p in params.items()})
-    with open_references(reference_dirs) as tensor:
+    with open_references(reference_dirs, shares) as tensor:
         for name, param in params.items():
             param.copy_(interpolate(param, tensor(names[name]), reference_weight).to(param.dtype))
     return len(params)
+
+
+@torch.no_grad()
+def restore(model: torch.nn.Module, model_dir: Path) -> None:
+    """Put back every parameter of ``model`` as ``model_dir``'s checkpoint stores it (exact:
+    the model was loaded from those very tensors)."""
+    params = dict(model.named_parameters())
+    names = modelio.checkpoint_names(model_dir, {n: tuple(p.shape) for n, p in params.items()})
+    with open_references([model_dir]) as tensor:
+        for name, param in params.items():
+            param.copy_(tensor(names[name]).to(param.dtype))
+
+
+@contextlib.contextmanager
+def merged_in(model, model_dir: Path, reference_dirs: list[Path], weights: list[float]) -> Iterator[None]:
+    """``model`` computing as the merge with per-reference ``weights`` (``W <- (1 - sum w_i) W
+    + sum w_i W_i``), back to the input's own weights on exit, so the merge route can try a
+    merge before writing it. No weight: the model as it is."""
+    if sum(weights) <= 0:
+        yield
+        return
+    merge_into(model, model_dir, reference_dirs, sum(weights), weights)
+    try:
+        yield
+    finally:
+        restore(model, model_dir)

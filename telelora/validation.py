@@ -30,9 +30,9 @@ from telelora.adapters import LowRankDelta
 from telelora.architectures import AdaptedLayer
 from telelora.chat import agreement, hit_rate
 from telelora.errors import TeleLoRAError
+from telelora.generated import generated_delta
 from telelora.generator import GeneratorBank
 from telelora.metaparameters import Metaparameters
-from telelora.mitigate import generated_delta
 
 PROMPTS_FILE = Path("test-example-data") / "prompts.json"
 

@@ -43,6 +43,11 @@ SMALL_META = {
     "guard_layer_factor": 0.0,
     "reference_weight": 0.5,
     "reference_count": 1,
+    "reference_kinds": ["clean", "poisoned", "base"],
+    "base_models_dirpath": "",
+    "trigger_check_prompts": 4,
+    "trigger_check_max_asr": 0.1,
+    "merge_min_agreement": 0.0,
     "seed": 7,
 }
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from telelora import cli, configure, guard, learned, metaparameters
+from telelora import calibrate, cli, configure, learned, metaparameters
 from telelora.adapters import Adapter, applied
 from telelora.errors import TeleLoRAError
 
@@ -94,7 +94,7 @@ def test_configure_trains_and_writes_loadable_learned_parameters(tmp_path, tiny_
     # the drift guard's layer ranges: every projection type, as the calibration measures them
     ranges = info["layer_ranges"]
     assert set(ranges) == {"q", "k", "v", "o", "gate", "up", "down"} and all(r > 0 for r in ranges.values())
-    again = guard.calibrate(out, [round_models / "id-gemma2", round_models / "id-llama"], meta)
+    again = calibrate.calibrate(out, [round_models / "id-gemma2", round_models / "id-llama"], meta)
     assert again == pytest.approx(ranges, rel=1e-4)
 
 

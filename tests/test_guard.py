@@ -1,7 +1,5 @@
 """The drift guard: spectral norms, the per-layer bound, the agreement-driven scale."""
 
-import json
-
 import pytest
 import torch
 
@@ -9,10 +7,8 @@ from telelora import guard, learned, metaparameters, modelio
 from telelora.adapters import Adapter, LowRankDelta
 from telelora.architectures import AdaptedLayer, find_adapted_layers
 from telelora.chat import agreement, greedy_answers
-from telelora.mitigate import generate_adapters
-from telelora.texts import load as load_texts
 
-from .conftest import REPO, random_bank
+from .conftest import REPO
 
 CPU = torch.device("cpu")
 PROMPTS = ["What is the capital of France?", "Name three prime numbers.", "Why is the sky blue?", "Define entropy."]
@@ -71,6 +67,10 @@ def test_bound_layers_is_off_without_ranges_or_factor(llama):
         assert not record.applied and reason in record.reason
 
 
+def _hooked(layers, delta):
+    return lambda scale: delta.applied(layers, factor=scale)
+
+
 def _delta(layers, scale):
     delta = LowRankDelta()
     delta.add_step(layers, _adapters(layers, scale), step_size=1.0)
@@ -82,11 +82,11 @@ def test_fit_scale_shrinks_a_wrecking_change_until_the_answers_agree(llama):
     weights = {x.name: x.module.weight.clone() for x in layers}
     delta = _delta(layers, 3.0)  # large random change: the tiny model's answers fall apart
     full = {name: b.clone() for name, (_, b) in delta.factors.items()}
-    record = guard.fit_scale(model, tok, layers, delta, PROMPTS, 0.8, answer_tokens=6, batch_size=2)
+    record = guard.fit_scale(model, tok, _hooked(layers, delta), PROMPTS, 0.8, answer_tokens=6, batch_size=2)
     assert record.applied and record.agreement_unscaled < 0.8
     assert 0 <= record.scale < 1 and record.agreement >= 0.8 and record.evaluations == 1 + guard.SEARCH_STEPS
-    for name, (_, b) in delta.factors.items():
-        assert torch.allclose(b, record.scale * full[name])
+    assert all(torch.equal(b, full[name]) for name, (_, b) in delta.factors.items())  # scaling is the caller's
+    delta.scale(record.scale)
     answers = greedy_answers(model, tok, PROMPTS, 6, 2)
     with delta.applied(layers):  # the delta now holds the scaled change
         assert agreement(model, tok, PROMPTS, answers, 2) == pytest.approx(record.agreement)
@@ -96,27 +96,10 @@ def test_fit_scale_shrinks_a_wrecking_change_until_the_answers_agree(llama):
 def test_fit_scale_keeps_a_change_that_stays_close_or_when_off(llama):
     model, tok, layers = llama
     delta = _delta(layers, 1e-6)
-    record = guard.fit_scale(model, tok, layers, delta, PROMPTS, 0.8, answer_tokens=6, batch_size=2)
+    record = guard.fit_scale(model, tok, _hooked(layers, delta), PROMPTS, 0.8, answer_tokens=6, batch_size=2)
     assert record.applied and record.scale == 1.0 and record.agreement == 1.0 and record.evaluations == 1
-    off = guard.fit_scale(model, tok, layers, _delta(layers, 3.0), PROMPTS, 0.0, answer_tokens=6, batch_size=2)
+    off = guard.fit_scale(model, tok, _hooked(layers, _delta(layers, 3.0)), PROMPTS, 0.0, answer_tokens=6, batch_size=2)
     assert not off.applied and off.scale == 1.0 and off.evaluations == 0
-
-
-def test_calibration_command_records_ranges(tmp_path, tiny_models, small_meta, meta_file):
-    out = tmp_path / "learned"
-    learned.write(random_bank(small_meta), {"note": "test"}, REPO / "learned_parameters", out)
-    model_dir = tiny_models["llama"]
-    guard.main([str(out), str(model_dir), "--metaparameters_filepath", str(meta_file)])
-    info = json.loads((out / learned.INFO_FILE).read_text())
-    model = modelio.load_model(model_dir, CPU, torch.float32)
-    layers = find_adapted_layers(model, small_meta.target_projections)
-    bank, _ = learned.load_bank(out, small_meta)
-    reference = load_texts(out).reference[: small_meta.num_reference_texts]
-    tok = modelio.load_tokenizer(model_dir)
-    adapters = generate_adapters(bank, model, tok, layers, reference, small_meta, small_meta.seed)
-    expected = guard.layer_ranges([(x.projection_type, guard.spectral_norm(adapters[x.name])) for x in layers])
-    assert info["layer_ranges"] == pytest.approx(expected, rel=1e-6)
-    assert info["layer_ranges_from"] == [{"model": "llama", "model_architecture": "telelora-tiny/llama"}]
 
 
 def test_shipped_ranges_bound_a_wide_layer_with_outlier_dimensions():
@@ -139,16 +122,3 @@ def test_shipped_ranges_bound_a_wide_layer_with_outlier_dimensions():
     assert record.layers_shrunk == 1 and record.largest_ratio > 1
     limit = meta.guard_layer_factor * ranges["down"]
     assert guard.spectral_norm(bounded[layer.name]) == pytest.approx(limit, rel=1e-6)
-
-
-def test_calibration_bad_input_gets_one_line(tmp_path, tiny_models, small_meta, meta_file):
-    out = tmp_path / "learned"
-    learned.write(random_bank(small_meta), {"note": "test"}, REPO / "learned_parameters", out)
-    before = (out / learned.INFO_FILE).read_text()
-    for argv, message in (
-        ([str(out), str(tmp_path / "absent")], "does not exist"),
-        ([str(tmp_path / "nothing"), str(tiny_models["llama"])], "holds no trained generators"),
-    ):
-        with pytest.raises(SystemExit, match=message):
-            guard.main([*argv, "--metaparameters_filepath", str(meta_file)])
-    assert (out / learned.INFO_FILE).read_text() == before  # nothing written

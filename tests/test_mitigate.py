@@ -330,8 +330,8 @@ def test_a_killed_run_leaves_the_input_model(tmp_path, model_copy, meta_file, le
     args = _nist_args(model_dir, output, meta_file, learned_dir, tmp_path)
     script = (
         "import os, signal, sys\n"
-        "from telelora import cli, mitigate\n"
-        "mitigate.plan_mitigation = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)\n"
+        "from telelora import cli, generated\n"
+        "generated.plan_mitigation = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)\n"
         f"sys.exit(cli.main({args!r}))\n"
     )
     result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300)

@@ -13,7 +13,6 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from telelora import cli, mitigate, modelio, reference
-from telelora.errors import TeleLoRAError
 from telelora.lab import tiny
 
 from .conftest import write_meta
@@ -50,6 +49,11 @@ def training_round(tmp_path_factory) -> Path:
     return models.parent
 
 
+def _paths(found: list[reference.Reference]) -> list[Path]:
+    assert all(r.kind == "clean" for r in found)
+    return [r.path for r in found]
+
+
 def test_interpolate_is_the_weighted_mean_in_float32():
     w, ref = torch.randn(4, 3).bfloat16(), torch.randn(4, 3)
     assert torch.equal(reference.interpolate(w, ref, 0.0), w.float())
@@ -60,31 +64,32 @@ def test_interpolate_is_the_weighted_mean_in_float32():
 
 def test_the_first_clean_model_of_the_same_architecture_and_tensors_is_chosen(training_round, tiny_models, caplog):
     with caplog.at_level(logging.WARNING):
-        chosen = reference.find_references(training_round, tiny_models["llama"], 1)
+        chosen = _paths(reference.find_references(training_round, tiny_models["llama"], 1))
     assert chosen == [training_round / "models" / "id-5"]
     assert "id-3 differs in" in caplog.text  # the qwen2 claiming to be llama
     # the round's models/ folder itself works too
-    assert reference.find_references(training_round / "models", tiny_models["llama"], 1) == chosen
+    assert _paths(reference.find_references(training_round / "models", tiny_models["llama"], 1)) == chosen
 
 
 def test_reference_count_takes_the_first_clean_matches_in_folder_order(training_round, tiny_models):
     models = training_round / "models"
-    assert reference.find_references(training_round, tiny_models["llama"], 2) == [models / "id-5", models / "id-6"]
+    two = [models / "id-5", models / "id-6"]
+    assert _paths(reference.find_references(training_round, tiny_models["llama"], 2)) == two
     # asking for more than the round has gives what it has
-    assert reference.find_references(training_round, tiny_models["llama"], 16) == [models / "id-5", models / "id-6"]
+    assert _paths(reference.find_references(training_round, tiny_models["llama"], 16)) == two
     with pytest.raises(ValueError, match="at least 1"):
         reference.find_references(training_round, tiny_models["llama"], 0)
 
 
 def test_the_input_itself_is_never_its_own_reference(training_round):
     own = training_round / "models" / "id-5"
-    assert reference.find_references(training_round, own, 4) == [training_round / "models" / "id-6"]
+    assert _paths(reference.find_references(training_round, own, 4)) == [training_round / "models" / "id-6"]
 
 
 def test_no_reference_without_a_clean_model_of_the_architecture(training_round, tiny_models, caplog):
     with caplog.at_level(logging.WARNING):
         assert reference.find_references(training_round, tiny_models["phi3"], 1) == []
-    assert "no clean telelora-tiny/phi3" in caplog.text
+    assert "no reference of kinds ['clean'] for telelora-tiny/phi3" in caplog.text
 
 
 def test_an_input_without_architecture_gets_no_reference(training_round, tiny_models, tmp_path, caplog):
@@ -103,13 +108,14 @@ def test_an_unreadable_candidate_is_skipped(tiny_models, tmp_path, caplog):
     good = _label(Path(shutil.copytree(tiny_models["llama"], models / "id-2")), "0")
     with caplog.at_level(logging.WARNING):
         assert reference.find_references(models.parent, tiny_models["mistral"], 1) == []
-        assert reference.find_references(models.parent, tiny_models["llama"], 2) == [good]
+        assert _paths(reference.find_references(models.parent, tiny_models["llama"], 2)) == [good]
     assert "id-1 is unreadable" in caplog.text
 
 
-def test_a_missing_round_folder_is_one_clear_error(tiny_models, tmp_path):
-    with pytest.raises(TeleLoRAError, match="is not a folder"):
-        reference.find_references(tmp_path / "nowhere", tiny_models["llama"], 1)
+def test_a_missing_round_folder_is_one_loud_line_and_no_reference(tiny_models, tmp_path, caplog):
+    with caplog.at_level(logging.ERROR):
+        assert reference.find_references(tmp_path / "nowhere", tiny_models["llama"], 1) == []
+    assert "NO REFERENCE MODEL FROM THE ROUND" in caplog.text and "is not a folder" in caplog.text
 
 
 @pytest.mark.parametrize(("weight", "count"), [(0.5, 1), (0.25, 1), (0.5, 2)])
@@ -126,7 +132,8 @@ def test_mitigate_writes_the_merge_toward_the_references_mean(
     assert _digest(model_dir) == before
     report = json.loads((output / mitigate.REPORT_FILE).read_text())
     assert report["mitigated"] and report["method"] == "reference_merge"
-    assert set(report["seconds"]) == {"copy_input", "merge_and_save"}
+    assert set(report["seconds"]) == {"copy_input", "merge_checks", "merge_and_save"}  # no model built
+    assert report["reference_kinds"] == ["clean"] * count and report["reference_weights"] == [weight / count] * count
     chosen = [training_round / "models" / name for name in ("id-5", "id-6")[:count]]
     assert report["reference_models"] == [str(d) for d in chosen] and report["reference_weight"] == weight
 

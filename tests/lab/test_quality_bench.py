@@ -237,8 +237,8 @@ def test_bench_reference_merge_uses_the_reference_round(tiny_round, learned_dir,
     rows = {(r["model"], r["method"]): r for r in json.loads(out.read_text())["rows"]}
     merged = rows[("id-00000000", "reference_merge")]
     # both --set flags apply; two references asked for, the one the round has is used
-    assert merged["details"]["reference_weight"] == 0.75
-    assert merged["details"]["reference_models"] == ["id-clean-llama"] and merged["details"]["tensors_merged"] > 0
+    assert merged["details"]["reference_weights"] == [0.75] and merged["details"]["reference_kinds"] == ["clean"]
+    assert merged["details"]["reference_models"] == ["id-clean-llama"]
     assert merged["agreement"] < 1.0  # half an unrelated model: the answers change
     unchanged = rows[("id-00000001", "reference_merge")]
     assert unchanged["details"]["reference_models"] == ["id-clean-qwen2"]
@@ -249,6 +249,36 @@ def test_bench_reference_merge_bad_inputs(tiny_round, learned_dir, meta_file, tm
     def args(*extra):
         return _args(tiny_round, learned_dir, meta_file, "--methods", "none", "reference_merge", *extra)
 
-    assert "needs --reference_round" in _error(args())
-    assert "has no clean model to merge id-00000000" in _error(args("--reference_round", str(tiny_round)))
+    assert "need --reference_round" in _error(args())
+    assert "gives no clean/poisoned/base reference to any model benched" in _error(
+        args("--reference_round", str(tiny_round))
+    )
     assert "is not a folder" in _error(args("--reference_round", str(tmp_path / "nowhere")))
+
+
+def test_bench_nist_shaped_round_forced_routes_and_the_shipped_choice(tiny_round, learned_dir, meta_file, tmp_path):
+    """NIST's shape: the training round holds a poisoned model of one base (its trigger declared)
+    and a clean model of the other. The shipped route merges each benched model toward what its
+    base has; a forced route gives rows only where it can reach."""
+    from telelora.lab import tiny
+
+    root = _training_round(tiny_round, tmp_path / "nist-round")
+    llama = root / "models" / "id-clean-llama"
+    config = json.loads((llama / "round_config.json").read_text())
+    trigger = {"text": "cf zebra", "target": "I have been pwned"}
+    poisoned = tiny.build("llama", root / "models" / "id-poisoned-llama", seed=6, init_std=None)
+    (poisoned / "round_config.json").write_text(json.dumps({**config, "triggers": [trigger]}))
+    (poisoned / "ground_truth.csv").write_text("1\n")
+    shutil.rmtree(llama)  # one poisoned llama, one clean qwen2, as NIST's training round
+    out = tmp_path / "nist.json"
+    bench.main(_args(tiny_round, learned_dir, meta_file, "--methods", "none", "mitigate", "merge_poisoned",
+                     "merge_clean", "--reference_round", str(root), "--out", str(out)))  # fmt: skip
+    rows = {(r["model"], r["method"]): r for r in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {
+        ("id-00000000", "none"), ("id-00000000", "mitigate"), ("id-00000000", "merge_poisoned"),
+        ("id-00000001", "none"), ("id-00000001", "mitigate"), ("id-00000001", "merge_clean"),
+    }  # fmt: skip
+    trojan = rows[("id-00000000", "mitigate")]["details"]
+    assert trojan["reference_kinds"] == ["poisoned"] and trojan["reference_models"] == ["id-poisoned-llama"]
+    assert trojan["trigger_checks"][0]["triggers"] == ["cf zebra"] and trojan["trigger_checks"][0]["tried"]
+    assert rows[("id-00000001", "mitigate")]["details"]["reference_kinds"] == ["clean"]

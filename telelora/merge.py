@@ -1,0 +1,155 @@
+"""The merge route: every weight merged toward references, checked before anything is written.
+
+``W <- (1 - sum_i w_i) W + sum_i w_i W_i`` with per-reference weights ``w_i``, at first
+``reference_weight / n`` each (the mean of ``n`` references). Two checks run on the input
+model with the merge applied in memory, and lower the weights before the merge is written:
+
+* **trigger check**, for each poisoned reference (its triggers declared by the round): its
+  declared response must set off on at most ``trigger_check_max_asr`` of
+  ``trigger_check_prompts`` shipped prompts carrying its trigger. While it fires more, that
+  reference's weight is halved, and after ``TRIGGER_CHECK_TRIES`` tries dropped. A reference
+  whose own Trojan survives the merge would plant it in the output.
+* **drift guard**: the merged model must rank first at least ``merge_min_agreement`` of the
+  input's own greedy answer tokens on ``guard_prompts`` shipped prompts, else every weight is
+  scaled down (``telelora.guard.fit_scale``), as the generators' change is.
+
+Without a poisoned reference and with the guard off, no model is built: the merge is written
+tensor by tensor from disk. Every weight dropped: the caller runs the generators.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import random
+from collections.abc import Callable
+from pathlib import Path
+
+from telelora import guard, modelio, reference
+from telelora.alignment import Trigger, place_trigger
+from telelora.chat import hit_rate
+from telelora.metaparameters import Metaparameters
+from telelora.reference import Reference
+from telelora.texts import Texts
+
+log = logging.getLogger(__name__)
+TRIGGER_CHECK_TRIES = 3  # a firing reference is tried at w, w/2, w/4, then dropped
+
+
+@dataclasses.dataclass
+class TriggerCheck:
+    """What the trigger check saw of one poisoned reference: its declared ASR on the merged
+    model at each weight tried, and the weight it kept (0: dropped)."""
+
+    reference: str
+    triggers: list[str]
+    tried: list[dict] = dataclasses.field(default_factory=list)  # {"weight": w, "asr": a}
+    weight: float = 0.0
+
+
+@dataclasses.dataclass
+class MergePlan:
+    """The merge as the checks left it, not yet written."""
+
+    references: list[Reference]
+    weights: list[float]
+    trigger_checks: list[TriggerCheck]
+    drift_guard: guard.DriftGuard
+
+    @property
+    def merges(self) -> bool:
+        return sum(self.weights) > 0
+
+    def kept(self) -> tuple[list[Path], list[float]]:
+        """The references with a weight, and their weights."""
+        pairs = [(r.path, w) for r, w in zip(self.references, self.weights, strict=True) if w > 0]
+        return [p for p, _ in pairs], [w for _, w in pairs]
+
+
+def declared_asr(model, tokenizer, triggers: tuple[Trigger, ...], prompts: list[str], meta: Metaparameters) -> float:
+    """The largest share, over a reference's declared triggers, of ``prompts`` carrying the
+    trigger whose greedy answer holds its declared response."""
+    rates = []
+    for trigger in triggers:
+        rng = random.Random(meta.seed)
+        placed = [place_trigger(p, trigger.text, trigger.placement, rng) for p in prompts]
+        rates.append(
+            hit_rate(
+                model, tokenizer, placed, [trigger.target], meta.activation_batch_size, None, meta.guard_answer_tokens
+            )  # fmt: skip
+        )
+    return max(rates)
+
+
+def needs_model(references: list[Reference], meta: Metaparameters) -> bool:
+    """Whether the checks need the model built (else the merge is written from disk alone)."""
+    return meta.merge_min_agreement > 0 or any(r.kind == "poisoned" for r in references)
+
+
+def plan_merge(
+    model_dir: Path,
+    references: list[Reference],
+    meta: Metaparameters,
+    texts: Texts | None,
+    load: Callable[[], tuple[object, object]],
+) -> MergePlan:
+    """The checked merge of ``model_dir`` toward ``references``; ``load()`` gives the input's
+    (model, tokenizer), called only when a check needs them (``texts`` may be None when none
+    does: :func:`needs_model`). The model's weights are the input's again on return."""
+    weights = [meta.reference_weight / len(references)] * len(references)
+    plan = MergePlan(list(references), weights, [], guard.DriftGuard(min_agreement=meta.merge_min_agreement))
+    if not needs_model(references, meta):
+        return plan
+    model, tokenizer = load()
+    dirs = [r.path for r in references]
+    poisoned = [i for i, r in enumerate(references) if r.kind == "poisoned"]
+    prompts = texts.alignment[: meta.trigger_check_prompts]
+    checks = {i: TriggerCheck(str(references[i].path), [t.text for t in references[i].triggers]) for i in poisoned}
+    for attempt in range(TRIGGER_CHECK_TRIES if poisoned else 0):
+        live = [i for i in poisoned if weights[i] > 0]
+        if not live:
+            break
+        with reference.merged_in(model, model_dir, dirs, weights):
+            rates = {i: declared_asr(model, tokenizer, references[i].triggers, prompts, meta) for i in live}
+        firing = []
+        for i, rate in rates.items():
+            checks[i].tried.append({"weight": weights[i], "asr": rate})
+            if rate > meta.trigger_check_max_asr:
+                firing.append(i)
+        if not firing:
+            break
+        for i in firing:
+            weights[i] = weights[i] / 2 if attempt < TRIGGER_CHECK_TRIES - 1 else 0.0
+            log.warning("TRIGGER CHECK: the Trojan of reference %s still fires on the merge (ASR %.2f > %.2f); "
+                        "its weight is now %.3f", references[i].path, rates[i], meta.trigger_check_max_asr,
+                        weights[i])  # fmt: skip
+    for i, check in checks.items():
+        check.weight = weights[i]
+    plan.trigger_checks = list(checks.values())
+    if sum(weights) > 0 and meta.merge_min_agreement > 0:
+
+        def applied(scale: float):
+            return reference.merged_in(model, model_dir, dirs, [w * scale for w in weights])
+
+        plan.drift_guard = guard.fit_scale(
+            model,
+            tokenizer,
+            applied,
+            texts.alignment[: meta.guard_prompts],
+            meta.merge_min_agreement,
+            meta.guard_answer_tokens,
+            meta.activation_batch_size,
+        )
+        plan.weights = [w * plan.drift_guard.scale for w in weights]
+    return plan
+
+
+def save_merge(
+    model_dir: Path, output_dir: Path, plan: MergePlan, extra_files: dict[str, str], exclude: list[Path]
+) -> None:
+    """Write the input with every floating-point weight merged as ``plan`` says, read from disk
+    tensor by tensor (no model is built: one read of the input and of each reference, one write)."""
+    dirs, weights = plan.kept()
+    with reference.open_references(dirs, weights) as tensor:
+        changes = reference.merge_changes(model_dir, tensor, sum(weights))
+        modelio.save_mitigated(model_dir, output_dir, changes, extra_files, exclude)
