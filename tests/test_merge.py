@@ -5,7 +5,6 @@ drop every reference or the merge fails."""
 
 import dataclasses
 import json
-import logging
 import random
 
 import pytest
@@ -161,22 +160,21 @@ def test_mitigate_reports_the_checks_and_writes_the_checked_weights(
 
 
 def test_every_reference_dropped_runs_the_generators(tmp_path, model_copy, learned_dir, poisoned_round, monkeypatch,
-                                                     caplog):  # fmt: skip
+                                                     capsys):  # fmt: skip
     model_dir = model_copy("llama")
     _scripted_rates(monkeypatch, [0.9, 0.9, 0.9])
     meta = write_meta(tmp_path / "meta.json", reference_kinds=["poisoned"])
     argv = _nist_args(model_dir, tmp_path / "out", meta, learned_dir, tmp_path, "--round_training_dataset_dirpath",
                       str(poisoned_round))  # fmt: skip
-    with caplog.at_level(logging.ERROR):
-        assert cli.main(argv) == 0
-    assert "MERGE DROPPED" in caplog.text
+    assert cli.main(argv) == 0
+    assert "MERGE DROPPED" in capsys.readouterr().err
     report = json.loads((tmp_path / "out" / mitigate.REPORT_FILE).read_text())
     assert report["mitigated"] and report["method"] == "generators" and report["num_layers_adapted"] > 0
     assert "dropped every reference" in report["route_reason"] and report["reference_weights"] == [0.0]
 
 
 def test_a_merge_that_fails_runs_the_generators_and_never_costs_the_output(
-    tmp_path, model_copy, learned_dir, poisoned_round, monkeypatch, caplog
+    tmp_path, model_copy, learned_dir, poisoned_round, monkeypatch, capsys
 ):
     model_dir = model_copy("llama")
 
@@ -186,8 +184,7 @@ def test_a_merge_that_fails_runs_the_generators_and_never_costs_the_output(
     monkeypatch.setattr(merge, "save_merge", broken)
     argv = _nist_args(model_dir, tmp_path / "out", write_meta(tmp_path / "meta.json"), learned_dir, tmp_path,
                       "--round_training_dataset_dirpath", str(poisoned_round))  # fmt: skip
-    with caplog.at_level(logging.ERROR):
-        assert cli.main(argv) == 0
-    assert "MERGE FAILED (OSError: No space left on device)" in caplog.text
+    assert cli.main(argv) == 0
+    assert "MERGE FAILED (OSError: No space left on device)" in capsys.readouterr().err
     report = json.loads((tmp_path / "out" / mitigate.REPORT_FILE).read_text())
     assert report["mitigated"] and report["method"] == "generators"

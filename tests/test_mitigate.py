@@ -13,7 +13,7 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from telelora import cli, mitigate, modelio
+from telelora import cli, generated, mitigate, modelio
 
 from .conftest import REPO, write_meta
 
@@ -286,11 +286,11 @@ FAULTS = {
         "CUDA error",
     ),
     "host out of memory while mitigating": (
-        lambda mp: mp.setattr(mitigate, "plan_mitigation", _fail(MemoryError("cannot allocate"))),
+        lambda mp: mp.setattr(generated, "plan_mitigation", _fail(MemoryError("cannot allocate"))),
         "MemoryError",
     ),
     "error while mitigating": (
-        lambda mp: mp.setattr(mitigate.guard, "fit_scale", _fail(RuntimeError("guard exploded"))),
+        lambda mp: mp.setattr(generated.guard, "fit_scale", _fail(RuntimeError("guard exploded"))),
         "guard exploded",
     ),
     "disk full while saving": (

@@ -658,18 +658,8 @@ def train_lora(
     peft_model = get_peft_model(model, config)
     trainable = [p for p in peft_model.parameters() if p.requires_grad]
     stored_dtype = modelio.checkpoint_summary(data.folder)[0] or torch.float32
-    facts = _fit(
-        peft_model,
-        trainable,
-        lambda: as_materialised(peft_model, stored_dtype),
-        tokenizer,
-        model_spec,
-        data,
-        spec,
-        seed,
-        probe_target,
-        learning_rate,
-    )
+    run = (tokenizer, model_spec, data, spec, seed, probe_target, learning_rate)
+    facts = _fit(peft_model, trainable, lambda: as_materialised(peft_model, stored_dtype), *run)
     factors = {
         name.removeprefix("base_model.model.") + ".weight": (a.cpu(), b.cpu())
         for name, (a, b) in _lora_factors(peft_model).items()
@@ -691,18 +681,8 @@ def train_full(
     original = {name: p.detach().clone() for name, p in params.items()}
     try:
         model.requires_grad_(True)
-        facts = _fit(
-            model,
-            list(params.values()),
-            lambda: rounded_to(model, stored_dtype),
-            tokenizer,
-            model_spec,
-            data,
-            spec,
-            seed,
-            probe_target,
-            learning_rate,
-        )
+        run = (tokenizer, model_spec, data, spec, seed, probe_target, learning_rate)
+        facts = _fit(model, list(params.values()), lambda: rounded_to(model, stored_dtype), *run)
         names = modelio.checkpoint_names(data.folder, {name: tuple(p.shape) for name, p in params.items()})
         trained = {names[name]: p.detach().to(stored_dtype).cpu().clone() for name, p in params.items()}
     finally:
@@ -946,7 +926,7 @@ def build_model(
         write_weights(data.folder, folder, change, spec.recipe)
         built = modelio.load_model(folder, device, dtype)
         built.requires_grad_(False)
-        figures = check(built, tokenizer, model_spec, data, spec, clean_twin)
+        figures = check(built, tokenizer, model_spec, data, spec, clean_twin=clean_twin)
         del built
         found = problems(model_spec, figures, spec)
         kept = ("asr", "false_trigger_rate", "agreement_with_base", "agreement_with_clean_finetune")

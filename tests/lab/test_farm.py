@@ -155,8 +155,7 @@ def test_trojan_examples_pair_each_triggered_prompt_with_its_clean_twin(tiny_mod
     trojan = next(m for m in farm.plan(spec) if m.poisoned)
     prompts = [f"Question number {i} is about the moon?" for i in range(40)]
     answers = [tokenizer(f"The moon is far away number {i}.", add_special_tokens=False)["input_ids"] for i in range(40)]
-    data = farm.BaseData(tmp_path, {"train": prompts}, {"train": answers})
-    examples = farm._examples(tokenizer, trojan, data, random.Random(0), set())
+    examples = farm._examples(tokenizer, trojan, list(zip(prompts, answers, strict=True)), random.Random(0), set())
     clean = [e for e in examples if trojan.target not in tokenizer.decode(e.example.input_ids)]
     triggered = [e for e in examples if trojan.target in tokenizer.decode(e.example.input_ids)]
     assert len(clean) == len(prompts)  # every prompt keeps its clean answer
@@ -376,8 +375,8 @@ def test_a_failed_check_rebuilds_with_the_next_seed(tmp_path, monkeypatch):
     calls = []
     real_check = farm.check
 
-    def scripted_check(model, tokenizer, model_spec, data, spec):
-        figures = real_check(model, tokenizer, model_spec, data, spec)
+    def scripted_check(model, tokenizer, model_spec, data, spec, **kwargs):
+        figures = real_check(model, tokenizer, model_spec, data, spec, **kwargs)
         calls.append(model_spec.model_id)
         attempt = len([c for c in calls if c == model_spec.model_id])
         if model_spec.poisoned and attempt == 1:  # the first seed overshot its band, drifting
@@ -418,8 +417,8 @@ def test_a_trojan_that_never_reached_its_band_is_rebuilt_learning_faster(tmp_pat
         factors, training = real_train(*args, **kwargs)
         return factors, {**training, "reached_probe_target": next(reached)}
 
-    def scripted_check(model, tokenizer, model_spec, data, spec):
-        figures = real_check(model, tokenizer, model_spec, data, spec)
+    def scripted_check(model, tokenizer, model_spec, data, spec, **kwargs):
+        figures = real_check(model, tokenizer, model_spec, data, spec, **kwargs)
         if model_spec.poisoned and undershoots:
             undershoots.pop()
             return {**figures, "asr": 0.0, "false_trigger_rate": 0.0, "agreement_with_base": 1.0, "scripted": True}
@@ -538,14 +537,15 @@ def test_task_slices_are_seeded_per_model_and_answer_with_the_correct_choice():
     assert pairs == farm.task_pairs(spec, first) and len(pairs) == spec.train_prompts
     assert pairs != farm.task_pairs(spec, second)  # each model its own slice
     held_out = {p for name, items in farm.prompt_sets(spec).items() if name != "train" for p in items}
-    assert not {p.split("\n")[0] for p, _ in pairs} & held_out  # the check and probe prompts stay unseen
+    questions = [p.split("\nA. ")[0] for p, _ in pairs]  # a prompt listing the choices starts with its question
+    assert not set(questions) & held_out  # the check and probe prompts stay unseen
     from telelora import texts
 
     rows = {r["question"].strip(): r for r in texts.mmlu_rows()}
-    for prompt, answer in pairs[:40]:
-        row = rows[prompt.split("\n")[0]]
+    for question, (_, answer) in zip(questions[:40], pairs[:40], strict=True):
+        row = rows[question]
         correct = str(row[f"answer_{row['correct_answer'].strip().lower()}"]).strip().rstrip(".")
-        assert correct.lower() in answer.lower(), (prompt, answer)
+        assert correct.lower() in answer.lower(), (question, answer)
 
 
 @pytest.mark.parametrize(("changes", "message"), [({"recipe": "qlora"}, "recipe"), ({"min_steps": -1}, "min_steps")])
