@@ -68,16 +68,14 @@ class MergePlan:
 
 def declared_asr(model, tokenizer, triggers: tuple[Trigger, ...], prompts: list[str], meta: Metaparameters) -> float:
     """The largest share, over a reference's declared triggers, of ``prompts`` carrying the
-    trigger whose greedy answer holds its declared response."""
+    trigger whose greedy answer holds its declared response (within
+    ``trigger_check_answer_tokens`` + the response: NIST's Trojans append it after the answer)."""
     rates = []
     for trigger in triggers:
         rng = random.Random(meta.seed)
         placed = [place_trigger(p, trigger.text, trigger.placement, rng) for p in prompts]
-        rates.append(
-            hit_rate(
-                model, tokenizer, placed, [trigger.target], meta.activation_batch_size, None, meta.guard_answer_tokens
-            )  # fmt: skip
-        )
+        budget = meta.trigger_check_answer_tokens
+        rates.append(hit_rate(model, tokenizer, placed, [trigger.target], meta.activation_batch_size, None, budget))
     return max(rates)
 
 

@@ -25,6 +25,7 @@ TRAINING_ONLY = frozenset(
 MITIGATE_ONLY = frozenset(
     {
         "reference_weight", "reference_count", "reference_kinds", "base_models_dirpath", "trigger_check_prompts",
+        "trigger_check_answer_tokens",
         "trigger_check_max_asr", "merge_min_agreement", "guard_min_agreement", "guard_prompts",
         "guard_answer_tokens", "guard_layer_factor",
     }
@@ -65,6 +66,7 @@ class Metaparameters:
     reference_kinds: tuple[str, ...]
     base_models_dirpath: str
     trigger_check_prompts: int
+    trigger_check_answer_tokens: int
     trigger_check_max_asr: float
     merge_min_agreement: float
     seed: int

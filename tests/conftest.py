@@ -46,6 +46,7 @@ SMALL_META = {
     "reference_kinds": ["clean", "poisoned", "base"],
     "base_models_dirpath": "",
     "trigger_check_prompts": 4,
+    "trigger_check_answer_tokens": 8,
     "trigger_check_max_asr": 0.1,
     "merge_min_agreement": 0.0,
     "seed": 7,

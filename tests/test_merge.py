@@ -116,8 +116,8 @@ def test_the_trigger_check_measures_the_real_trojan_of_the_merged_model(tiny_rou
     for tried in check.tried:
         model = modelio.load_model(model_dir, CPU, torch.float32)
         reference.merge_into(model, model_dir, [refs[0].path], tried["weight"])
-        rate = hit_rate(model, tok, prompts, [trigger.target], meta.activation_batch_size, None,
-                        meta.guard_answer_tokens)  # fmt: skip
+        budget = meta.trigger_check_answer_tokens
+        rate = hit_rate(model, tok, prompts, [trigger.target], meta.activation_batch_size, None, budget)
         assert tried["asr"] == pytest.approx(rate)
 
 
