@@ -76,18 +76,11 @@ def floating_shapes(model_dir: Path) -> dict[str, tuple[int, ...]]:
     }
 
 
-def is_clean(model_dir: Path) -> bool:
-    """True only when ``ground_truth.csv`` says 0: an unlabelled model is never a clean reference."""
+def labelled(model_dir: Path, poisoned: bool) -> bool:
+    """Whether ``ground_truth.csv`` says exactly this label (1 poisoned, 0 clean): an unlabelled
+    or unreadable model is never a reference of either kind."""
     try:
-        return not modelio.read_poisoned(model_dir)
-    except TeleLoRAError:
-        return False
-
-
-def is_poisoned(model_dir: Path) -> bool:
-    """True only when ``ground_truth.csv`` says 1."""
-    try:
-        return modelio.read_poisoned(model_dir)
+        return modelio.read_poisoned(model_dir) == poisoned
     except TeleLoRAError:
         return False
 
@@ -165,9 +158,9 @@ def _round_candidates(round_dir: Path | None, model_dir: Path, kind: str) -> Ite
     for folder in folders:
         if _same_folder(folder, model_dir):
             continue
-        if kind == "clean" and is_clean(folder):
+        if kind == "clean" and labelled(folder, poisoned=False):
             yield Reference(folder, "clean")
-        elif kind == "poisoned" and is_poisoned(folder):
+        elif kind == "poisoned" and labelled(folder, poisoned=True):
             try:
                 yield Reference(folder, "poisoned", reference_triggers(folder, round_dir))
             except TeleLoRAError as err:
@@ -295,15 +288,10 @@ def merge_into(
     return len(params)
 
 
-@torch.no_grad()
 def restore(model: torch.nn.Module, model_dir: Path) -> None:
-    """Put back every parameter of ``model`` as ``model_dir``'s checkpoint stores it (exact:
-    the model was loaded from those very tensors)."""
-    params = dict(model.named_parameters())
-    names = modelio.checkpoint_names(model_dir, {n: tuple(p.shape) for n, p in params.items()})
-    with open_references([model_dir]) as tensor:
-        for name, param in params.items():
-            param.copy_(tensor(names[name]).to(param.dtype))
+    """Put back every parameter of ``model`` as ``model_dir``'s checkpoint stores it: the merge
+    entirely toward the input itself (exact: ``lerp`` at weight 1 returns its end)."""
+    merge_into(model, model_dir, [model_dir], 1.0)
 
 
 @contextlib.contextmanager

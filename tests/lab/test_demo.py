@@ -40,7 +40,7 @@ def test_demo_runs_none_the_generators_and_the_reference_merge_side_by_side(tmp_
     assert training_round == work / "training-round"
     members = sorted((training_round / "models").iterdir())
     assert [m.name for m in members] == ["id-00000003"]
-    assert reference.is_clean(members[0])
+    assert reference.labelled(members[0], poisoned=False)
     config = json.loads((members[0] / "round_config.json").read_text())
     assert config["farm"]["kind"] == "clean_finetune"
     assert (
