@@ -1276,11 +1276,13 @@ def _print_status(report: dict) -> None:
         )
 
 
-def _print_plan(models: list[FarmModel]) -> None:
+def _print_plan(models: list[FarmModel], recipe: str) -> None:
     for m in models:
+        change = f"r={m.lora_rank} {m.lora_layers:<9}" if recipe == "lora" else "full"  # a full fine-tune has no rank
+        band = f"band={m.asr_band}" if m.poisoned else ""
         print(
             f"{m.model_id} {m.base:<22} {m.split:<10} {m.kind:<14} {m.trigger_kind:<7} {m.placement:<6} "
-            f"{m.behaviour:<12} band={m.asr_band} r={m.lora_rank} {m.lora_layers:<9} {m.trigger!r} -> {m.target!r}"
+            f"{m.behaviour:<12} {band:<9} {change} {m.trigger!r} -> {m.target!r}"
         )
 
 
@@ -1308,7 +1310,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         if args.command == "plan":
-            _print_plan(plan(load_spec(args.spec), args.spec))
+            spec = load_spec(args.spec)
+            _print_plan(plan(spec, args.spec), spec.recipe)
         elif args.command == "status":
             report = status(args.out)
             print(json.dumps(report, indent=1)) if args.json else _print_status(report)

@@ -530,6 +530,16 @@ def test_the_shipped_full_spec_holds_what_the_round_needs():
     assert farm._settings(spec)["recipe"] == "full"
 
 
+def test_plan_prints_a_lora_rank_only_for_the_lora_recipe(capsys):
+    farm.main(["plan", str(FULL_SPEC)])
+    full = capsys.readouterr().out.splitlines()
+    farm.main(["plan", str(REAL_SPEC)])
+    lora = capsys.readouterr().out.splitlines()
+    assert len(full) == len(farm.plan(farm.load_spec(FULL_SPEC))) and all(" full " in line for line in full)
+    assert not any("r=" in line for line in full) and all(" r=" in line for line in lora)
+    assert not any("band=None" in line for line in full + lora)  # a clean fine-tune has no band
+
+
 def test_task_slices_are_seeded_per_model_and_answer_with_the_correct_choice():
     spec = farm.load_spec(FULL_SPEC)
     first, second = [m for m in farm.plan(spec) if m.base == "smollm2-135m-instruct"][:2]
