@@ -38,8 +38,9 @@ against agreement per poisoned model. ``--resume`` keeps the models already in `
 settings) and adds the rest: a long bench spans sessions, and a farm split can be benched as
 its models are built. ``--merge y.json ...`` adds the finished models of runs made elsewhere
 (another machine, a GPU): same settings and learned parameters, the same model files
-(fingerprints checked against ``--round``); only where and in which dtype they ran may differ,
-and each merged row names its file in ``source``. ``--set KEY=VALUE`` overrides metaparameters.
+(fingerprints checked against ``--round``); only where and in which dtype they ran, and which
+methods they measured, may differ (each method's summary counts its models), and each merged
+row names its file in ``source``. ``--set KEY=VALUE`` overrides metaparameters.
 """
 
 from __future__ import annotations
@@ -382,6 +383,8 @@ SESSION_ARGS = ("out", "resume", "merge", "models", "markdown")  # may differ be
 # where a run was made, not what it measured: --merge accepts rows that differ in these (paths
 # are compared by content: the learned parameters' digest, the metaparameters themselves)
 WHERE_SETTINGS = ("round", "reference_round", "set", "learned_parameters", "metaparameters")
+# nor which methods it measured: joined, each method's summary counts the models it ran on
+MERGED_MAY_DIFFER = (*WHERE_SETTINGS, "methods")
 WHERE_KNOBS = ("device", "dtype")
 
 
@@ -399,9 +402,9 @@ def learned_digest(learned_dir: Path) -> str:
 
 
 def _comparable(settings: dict, meta: dict, anywhere: bool) -> dict:
-    """What two runs must share for their rows to join one table; ``anywhere`` leaves out
-    where they ran (``WHERE_SETTINGS``, ``WHERE_KNOBS``)."""
-    ignored = SESSION_ARGS + (WHERE_SETTINGS if anywhere else ())
+    """What two runs must share for their rows to join one table; ``anywhere`` (``--merge``)
+    leaves out where they ran and which methods (``MERGED_MAY_DIFFER``, ``WHERE_KNOBS``)."""
+    ignored = SESSION_ARGS + (MERGED_MAY_DIFFER if anywhere else ())
     kept = {k: v for k, v in settings.items() if k not in ignored}
     knobs = {k: v for k, v in _mitigation_knobs(meta).items() if not (anywhere and k in WHERE_KNOBS)}
     return json.loads(json.dumps({**kept, "metaparameters": knobs}))

@@ -13,8 +13,9 @@ model with the merge applied in memory, and lower the weights before the merge i
   input's own greedy answer tokens on ``guard_prompts`` shipped prompts, else every weight is
   scaled down (``telelora.guard.fit_scale``), as the generators' change is.
 
-Without a poisoned reference and with the guard off, no model is built: the merge is written
-tensor by tensor from disk. Every weight dropped: the caller runs the generators.
+The tries share one read of each reference (``telelora.reference.merge_trial``). Without a
+poisoned reference and with the guard off, no model is built: the merge is written tensor by
+tensor from disk. Every weight dropped: the caller runs the generators.
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ class MergePlan:
     weights: list[float]
     trigger_checks: list[TriggerCheck]
     drift_guard: guard.DriftGuard
+    trial: reference.MergeTrial = dataclasses.field(default_factory=reference.MergeTrial)
 
     @property
     def merges(self) -> bool:
@@ -100,6 +102,26 @@ def plan_merge(
         return plan
     model, tokenizer = load()
     dirs = [r.path for r in references]
+    with reference.merge_trial(model, model_dir, dirs, plan.trial) as merged:
+        _check_triggers(model, tokenizer, references, weights, merged, texts, meta, plan)
+        if sum(weights) > 0 and meta.merge_min_agreement > 0:
+            plan.drift_guard = guard.fit_scale(
+                model,
+                tokenizer,
+                lambda scale: merged([w * scale for w in weights]),
+                texts.alignment[: meta.guard_prompts],
+                meta.merge_min_agreement,
+                meta.guard_answer_tokens,
+                meta.activation_batch_size,
+            )
+            weights = [w * plan.drift_guard.scale for w in weights]
+    plan.weights = weights
+    return plan
+
+
+def _check_triggers(model, tokenizer, references, weights, merged, texts, meta, plan: MergePlan) -> None:
+    """The trigger check: halve, then drop (``weights`` in place), each poisoned reference
+    whose declared Trojan still fires on the model merged by ``merged(weights)``."""
     poisoned = [i for i, r in enumerate(references) if r.kind == "poisoned"]
     prompts = texts.alignment[: meta.trigger_check_prompts]
     checks = {i: TriggerCheck(str(references[i].path), [t.text for t in references[i].triggers]) for i in poisoned}
@@ -107,7 +129,7 @@ def plan_merge(
         live = [i for i in poisoned if weights[i] > 0]
         if not live:
             break
-        with reference.merged_in(model, model_dir, dirs, weights):
+        with merged(weights):
             rates = {i: declared_asr(model, tokenizer, references[i].triggers, prompts, meta) for i in live}
         firing = []
         for i, rate in rates.items():
@@ -124,22 +146,6 @@ def plan_merge(
     for i, check in checks.items():
         check.weight = weights[i]
     plan.trigger_checks = list(checks.values())
-    if sum(weights) > 0 and meta.merge_min_agreement > 0:
-
-        def applied(scale: float):
-            return reference.merged_in(model, model_dir, dirs, [w * scale for w in weights])
-
-        plan.drift_guard = guard.fit_scale(
-            model,
-            tokenizer,
-            applied,
-            texts.alignment[: meta.guard_prompts],
-            meta.merge_min_agreement,
-            meta.guard_answer_tokens,
-            meta.activation_batch_size,
-        )
-        plan.weights = [w * plan.drift_guard.scale for w in weights]
-    return plan
 
 
 def save_merge(

@@ -46,6 +46,7 @@ class MitigationReport:
     reference_weight: float | None = None  # their sum: W <- (1 - w) W + w W_ref
     trigger_checks: list[dict] = dataclasses.field(default_factory=list)
     merge_drift_guard: dict | None = None
+    merge_trial: dict | None = None  # how the checks tried merges: in RAM (one read per reference) or from disk
     num_layers_adapted: int = 0
     device: str | None = None
     compute_dtype: str | None = None
@@ -77,6 +78,7 @@ def _merge_route(model_dir: Path, output_dir: Path, route, meta, learned_dir, lo
         report.reference_weight = round(sum(plan.weights), 6)
         report.trigger_checks = [dataclasses.asdict(c) for c in plan.trigger_checks]
         report.merge_drift_guard = dataclasses.asdict(plan.drift_guard)
+        report.merge_trial = dataclasses.asdict(plan.trial)
         lap("merge_checks")
         if not plan.merges:
             log.error("MERGE DROPPED: the checks left no reference with a weight; running the generators instead")

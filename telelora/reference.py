@@ -307,3 +307,91 @@ def merged_in(model, model_dir: Path, reference_dirs: list[Path], weights: list[
         yield
     finally:
         restore(model, model_dir)
+
+
+TRIAL_MEMORY_SHARE = 0.5  # the in-memory trial may take at most this share of the free RAM
+
+
+def available_memory() -> int:
+    """Bytes of RAM free for new allocations (``MemAvailable``; else free pages; else 0)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, AttributeError):
+        return 0
+
+
+@dataclasses.dataclass
+class MergeTrial:
+    """How the merge route's checks tried merges: ``in_memory``, each reference was read once
+    and every try computed from RAM; else each try re-read the checkpoints (not enough RAM)."""
+
+    in_memory: bool = False
+    bytes_held: int = 0
+    tries: int = 0
+
+
+@contextlib.contextmanager
+def merge_trial(
+    model: torch.nn.Module, model_dir: Path, reference_dirs: list[Path], record: MergeTrial | None = None
+) -> Iterator[Callable[[list[float]], contextlib.AbstractContextManager]]:
+    """A function ``merged(weights)``: a context in which ``model`` computes as the merge with
+    per-reference ``weights``, back to its own weights on exit (as :func:`merged_in`).
+
+    The checks try up to ten merges; re-reading the input and every reference from disk for
+    each costs about twenty passes over the checkpoints, too slow for an 8B model in NIST's
+    600 s. So each reference is read once into RAM as its difference from the model, ``D_i =
+    W_i - W`` in the model's dtype, beside a copy of ``W``, and each try sets ``W + sum_i w_i D_i``
+    (computed in float32 on the model's device) and puts ``W`` back exactly. That holds ``1 + n``
+    copies of the model's weights: when more than ``TRIAL_MEMORY_SHARE`` of the free RAM, one
+    loud line and each try reads from disk instead."""
+    record = MergeTrial() if record is None else record
+    params = dict(model.named_parameters())
+    record.bytes_held = sum(p.numel() * p.element_size() for p in params.values()) * (1 + len(reference_dirs))
+    record.in_memory = record.bytes_held <= TRIAL_MEMORY_SHARE * available_memory()
+
+    if not record.in_memory:
+        log.warning("MERGE CHECKS FROM DISK: holding the merge in RAM needs %.1f GB, more than %.0f%% of the free "
+                    "RAM; each try re-reads the checkpoints (slower)", record.bytes_held / 1e9,
+                    100 * TRIAL_MEMORY_SHARE)  # fmt: skip
+
+        def from_disk(weights: list[float]) -> contextlib.AbstractContextManager:
+            record.tries += 1
+            return merged_in(model, model_dir, reference_dirs, weights)
+
+        yield from_disk
+        return
+    names = modelio.checkpoint_names(model_dir, {n: tuple(p.shape) for n, p in params.items()})
+    with torch.no_grad():
+        own = {n: p.detach().to("cpu", copy=True) for n, p in params.items()}
+        differences = []
+        for reference_dir in reference_dirs:
+            with open_references([reference_dir]) as tensor:
+                differences.append({n: (tensor(names[n]) - own[n].float()).to(own[n].dtype) for n in params})
+
+    @contextlib.contextmanager
+    def merged(weights: list[float]) -> Iterator[None]:
+        record.tries += 1
+        if sum(weights) <= 0:
+            yield
+            return
+        with torch.no_grad():
+            for name, param in params.items():
+                value = own[name].to(param.device, torch.float32, copy=True)
+                for weight, difference in zip(weights, differences, strict=True):
+                    if weight:
+                        value.add_(difference[name].to(param.device, torch.float32), alpha=weight)
+                param.copy_(value)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for name, param in params.items():
+                    param.copy_(own[name])
+
+    yield merged

@@ -248,3 +248,50 @@ def test_an_unusable_round_folder_falls_back_to_the_generators(tmp_path, model_c
     assert "NO REFERENCE MODEL" in printed and "is not a folder" in printed
     report = json.loads((tmp_path / "out" / mitigate.REPORT_FILE).read_text())
     assert report["mitigated"] and report["method"] == "generators"
+
+
+def _weights(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("in_memory", [True, False])
+def test_a_merge_trial_computes_each_merge_and_puts_the_input_back_exactly(
+    training_round, tiny_models, monkeypatch, in_memory
+):
+    """Per-reference weights, tried one after another as the merge route's checks do: each is
+    the written merge's arithmetic (``merge_into``), the input comes back bit for bit after
+    each; in RAM each reference is read once, from disk once per try (too little free RAM)."""
+    model_dir = tiny_models["llama"]
+    refs = [training_round / "models" / "id-5", training_round / "models" / "id-6"]
+    tries = [[0.25, 0.25], [0.125, 0.25], [0.0, 0.1], [0.0, 0.0]]
+    expected = []
+    for weights in tries:
+        model = modelio.load_model(model_dir, torch.device("cpu"), torch.float32)
+        if sum(weights) > 0:
+            reference.merge_into(model, model_dir, refs, sum(weights), weights)
+        expected.append(_weights(model))
+    if not in_memory:
+        monkeypatch.setattr(reference, "available_memory", lambda: 0)
+    opened = []
+    real_open = reference.open_references
+    monkeypatch.setattr(reference, "open_references", lambda dirs, *a: opened.append(list(dirs)) or real_open(dirs, *a))
+    model = modelio.load_model(model_dir, torch.device("cpu"), torch.float32)
+    own = _weights(model)
+    record = reference.MergeTrial()
+    with reference.merge_trial(model, model_dir, refs, record) as merged:
+        for weights, wanted in zip(tries, expected, strict=True):
+            with merged(weights):
+                seen = _weights(model)
+            for name, value in _weights(model).items():
+                assert torch.equal(value, own[name]), name
+                assert torch.allclose(seen[name], wanted[name], atol=1e-6), (weights, name)
+    assert record.in_memory == in_memory and record.tries == len(tries)
+    assert record.bytes_held == 3 * sum(p.numel() * p.element_size() for p in model.parameters())
+    if in_memory:  # one read per reference, whatever the number of tries
+        assert opened == [[r] for r in refs]
+    else:  # each try that moves the model reads the references, and its restore the input
+        assert opened == [refs, [model_dir]] * 3
+
+
+def test_available_memory_reads_a_positive_figure():
+    assert reference.available_memory() > 0

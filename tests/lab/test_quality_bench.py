@@ -180,6 +180,19 @@ def test_bench_merges_runs_made_elsewhere(tiny_round, learned_dir, meta_file, tm
     assert "need --out" in _error(args("--merge", str(here)))
 
 
+def test_bench_merges_runs_that_measured_other_methods(tiny_round, learned_dir, meta_file, tmp_path):
+    """A costly baseline run on some models only: joined, each method counts its own models."""
+    here, there, joined = (tmp_path / f"{name}.json" for name in ("here", "there", "joined"))
+    bench.main(_args(tiny_round, learned_dir, meta_file, "--methods", "none", "magnitude_pruning", "--models",
+                     "id-00000000", "--out", str(here)))  # fmt: skip
+    bench.main(_args(tiny_round, learned_dir, meta_file, "--methods", "none", "--models", "id-00000001", "--out",
+                     str(there)))  # fmt: skip
+    bench.main(_args(tiny_round, learned_dir, meta_file, "--methods", "none", "--out", str(joined), "--merge",
+                     str(here), str(there)))  # fmt: skip
+    counts = {s["method"]: s["models"] for s in json.loads(joined.read_text())["summaries"]["all"]}
+    assert counts == {"none": 2, "magnitude_pruning": 1}
+
+
 def _error(argv: list[str]) -> str:
     with pytest.raises(SystemExit) as exc:
         bench.main(argv)

@@ -1,0 +1,147 @@
+"""What the merge route costs, in checkpoint reads and seconds, with its checks tried in RAM or from disk.
+
+The merge route's checks (the trigger check of a poisoned reference, then the drift guard's
+bisection) try up to ten merges before one is written. Side by side per random-initialised
+real-shaped model, merged toward a perturbed copy of itself declared poisoned:
+
+* ``memory`` (what ships when the RAM allows): each reference read once into RAM, every try
+  computed from there (``telelora.reference.merge_trial``);
+* ``disk`` (its fallback): every try re-reads the references and puts the input back from disk.
+
+Per row: load, checks and save seconds, the tries, and how many times the checkpoints were
+read, in passes (the load, then bytes read / the input checkpoint's size; the save reads the input and each
+reference once). NIST allows 600 s per model on one A100.
+
+    python bench/merge_cost.py --models SmolLM2-135M-shape --out bench/results/merge_cost_cpu.json
+    python bench/merge_cost.py --models Llama-3.2-1B Llama-3.1-8B --out bench/results/merge_cost_gpu.json
+
+Prints a table and writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+from unittest import mock
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.real_configs import REAL_CONFIGS, build_random  # noqa: E402
+from telelora import merge, metaparameters, modelio, reference  # noqa: E402
+from telelora.alignment import Trigger  # noqa: E402
+from telelora.lab import tiny  # noqa: E402
+from telelora.texts import load as load_texts  # noqa: E402
+
+MODES = ("memory", "disk")
+TRIGGER = Trigger("cf zebra", "I have been pwned", "middle")  # a random model never answers it: one try
+
+
+def _checkpoint_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in modelio.weight_files(folder))
+
+
+def _save_pair(name: str, root: Path, dtype: torch.dtype, noise: float, seed: int) -> tuple[Path, Path]:
+    """The random input and its reference: every weight moved by ``noise`` times its own scale."""
+    torch.manual_seed(seed)
+    model = build_random(name, "cpu", dtype)
+    model.save_pretrained(root / "input")
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(torch.randn_like(param) * noise * param.float().std().clamp_min(1e-3).to(param.dtype))
+    model.save_pretrained(root / "reference")
+    return root / "input", root / "reference"
+
+
+def bench_mode(mode, model_dir, ref_dir, out_dir, meta, texts, tokenizer, device, dtype):
+    """One merge route, load to saved output, with the checks tried in ``mode``; checkpoint reads counted."""
+    read = []
+    real_open = reference.open_references
+
+    def counting(dirs, *args):
+        read.extend(dirs)
+        return real_open(dirs, *args)
+
+    share = reference.TRIAL_MEMORY_SHARE if mode == "memory" else 0.0  # 0: no RAM to spare, the disk fallback
+    with (
+        mock.patch.object(reference, "open_references", counting),
+        mock.patch.object(reference, "TRIAL_MEMORY_SHARE", share),
+    ):
+        refs = [reference.Reference(ref_dir, "poisoned", (TRIGGER,))]
+        start = time.perf_counter()
+        model = modelio.load_model(model_dir, device, dtype)
+        load_s = time.perf_counter() - start
+        start = time.perf_counter()
+        plan = merge.plan_merge(model_dir, refs, meta, texts, lambda: (model, tokenizer))
+        checks_s = time.perf_counter() - start
+        start = time.perf_counter()
+        merge.save_merge(model_dir, out_dir, plan, {}, [])
+        save_s = time.perf_counter() - start
+    size = _checkpoint_bytes(model_dir)
+    passes = 1 + sum(_checkpoint_bytes(d) for d in read) / size  # the load, then what the merge code reads
+    return {
+        "mode": mode,
+        "in_memory": plan.trial.in_memory,
+        "bytes_held_gb": plan.trial.bytes_held / 1e9,
+        "tries": plan.trial.tries,
+        "trigger_tries": sum(len(c.tried) for c in plan.trigger_checks),
+        "guard_evaluations": plan.drift_guard.evaluations,
+        "guard_scale": plan.drift_guard.scale,
+        "guard_s": plan.drift_guard.seconds,
+        "load_s": load_s,
+        "checks_s": checks_s,
+        "save_s": save_s,
+        "total_s": load_s + checks_s + save_s,
+        "checkpoint_passes_read": passes,
+        "checkpoint_gb": size / 1e9,
+        "weights": plan.weights,
+    }
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["SmolLM2-135M-shape"], choices=sorted(REAL_CONFIGS))
+    parser.add_argument("--noise", type=float, default=0.05, help="the reference's distance, per weight's scale")
+    parser.add_argument("--workdir", default=None, help="where the random checkpoints go (default: a temp folder)")
+    parser.add_argument("--out", default="bench/results/merge_cost.json")
+    args = parser.parse_args()
+
+    meta = metaparameters.load()
+    device, dtype = modelio.pick_device_dtype(meta.device, meta.dtype)
+    texts = load_texts(metaparameters.REPO_ROOT / "learned_parameters")
+    tokenizer = tiny.build_tokenizer()  # only token ids matter for timing
+    device_name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
+    rows = []
+    with tempfile.TemporaryDirectory(dir=args.workdir) as work:
+        for name in args.models:
+            root = Path(work) / name
+            model_dir, ref_dir = _save_pair(name, root, dtype, args.noise, meta.seed)
+            for mode in MODES:
+                out_dir = root / f"out-{mode}"
+                row = bench_mode(mode, model_dir, ref_dir, out_dir, meta, texts, tokenizer, device, dtype)
+                rows.append({"model": name, **row})
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+
+    print(f"merge route, one poisoned reference, {dtype}, on {device_name}; guard bound {meta.merge_min_agreement}")
+    print(f"{'model':20} {'mode':6} {'tries':>5} {'load s':>7} {'checks s':>8} {'guard s':>7} {'save s':>7} "
+          f"{'total s':>7} {'passes read':>11} {'RAM held GB':>11}")  # fmt: skip
+    for r in rows:
+        print(f"{r['model']:20} {r['mode']:6} {r['tries']:5d} {r['load_s']:7.1f} {r['checks_s']:8.1f} "
+              f"{r['guard_s']:7.1f} {r['save_s']:7.1f} {r['total_s']:7.1f} {r['checkpoint_passes_read']:11.1f} "
+              f"{r['bytes_held_gb'] if r['in_memory'] else 0:11.2f}")  # fmt: skip
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    settings = {"device": device_name, "dtype": str(dtype), "noise": args.noise, "trigger": dataclasses.asdict(TRIGGER)}
+    out.write_text(json.dumps({**settings, "metaparameters": meta.to_dict(), "rows": rows}, indent=2))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
