@@ -452,7 +452,7 @@ def configure(
         state = checkpoint.load(ckpt_path, fingerprint)
         bank.load_state_dict(state["bank"])
         optimizer.load_state_dict(state["optimizer"])
-        rng.setstate(_as_random_state(state["rng"][world.rank]))
+        rng.setstate(as_random_state(state["rng"][world.rank]))
         torch.set_rng_state(state["torch_rng"][world.rank])
         records, start_step, monitor = state["records"], state["step"], state.get("monitor") or {}
         best = state.get("best") or {}
@@ -522,7 +522,7 @@ def configure(
     progress = tqdm(range(start_step, meta.train_iterations), desc="meta-training", disable=not show)
     for step in progress:
         tick = time.time()
-        work = _pick_work(items, pool, rng, meta)
+        work = pick_work(items, pool, rng, meta)
         losses, loss, grad_norm = meta_step(bank, optimizer, work, meta, device, world)
         mine = [[item.model_dir.name, value] for (item, _, _), value in zip(work, losses, strict=True)]
         per_model = [pair for rank_pairs in world.gather(mine) for pair in rank_pairs]
@@ -620,7 +620,7 @@ def validate(
     return figures
 
 
-def _pick_work(items: list[TrainingModel], pool: ModelPool, rng: random.Random, meta: Metaparameters) -> list:
+def pick_work(items: list[TrainingModel], pool: ModelPool, rng: random.Random, meta: Metaparameters) -> list:
     """This rank's (model, LLM, batch) for one step; a model that no longer loads is dropped
     with a warning (and the rank contributes nothing once none is left)."""
     while items:
@@ -634,7 +634,7 @@ def _pick_work(items: list[TrainingModel], pool: ModelPool, rng: random.Random, 
     return []
 
 
-def _as_random_state(saved) -> tuple:
+def as_random_state(saved) -> tuple:
     """``random.Random.getstate()`` comes back from a checkpoint with lists for tuples."""
     version, internal, gauss = saved
     return (version, tuple(internal), gauss)
