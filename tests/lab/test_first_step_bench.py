@@ -17,11 +17,13 @@ def _run(tmp_path, tiny_round, *flags):
 
 
 def test_the_walk_starts_downhill_for_the_trojan_and_costs_the_clean_model(tmp_path, tiny_round, capsys):
-    result = _run(tmp_path, tiny_round, "--etas", "1e-4", "1e-1", "--types", "all", "q")
+    # eta 10, not 0.1: the clean model's cost grows as eta^2 from a float32 floor of ~1e-8, which
+    # eta 0.1 does not clear (2e-5 at eta 10)
+    result = _run(tmp_path, tiny_round, "--etas", "1e-4", "10", "--types", "all", "q")
     assert sorted(result["identity"]) == ["id-00000000", "id-00000001"]
     assert result["trojans"] == ["id-00000000"]  # the Trojan departs from its trigger-free answers
     assert result["identity"]["id-00000001"] == pytest.approx(0.0, abs=1e-5)  # a clean model costs nothing
-    assert set(result["walks"]) == {"all", "q"} and [r["eta"] for r in result["walks"]["all"]] == [1e-4, 1e-1]
+    assert set(result["walks"]) == {"all", "q"} and [r["eta"] for r in result["walks"]["all"]] == [1e-4, 10]
     small, large = result["summary"]["all"]["per_eta"]
     assert small["trojan_relative_change"] < 0  # -g is a descent direction
     assert large["clean_loss"] > small["clean_loss"] > -1e-6  # any move costs the clean model, more the further
