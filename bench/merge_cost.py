@@ -4,13 +4,14 @@ The merge route's checks (the trigger check of a poisoned reference, then the dr
 bisection) try up to ten merges before one is written. Side by side per random-initialised
 real-shaped model, merged toward a perturbed copy of itself declared poisoned:
 
-* ``memory`` (what ships when the RAM allows): each reference read once into RAM, every try
-  computed from there (``telelora.reference.merge_trial``);
+* ``memory`` (what ships when there is room): each reference read once into memory (the
+  accelerator's when it fits, else RAM), every try computed from there
+  (``telelora.reference.merge_trial``);
 * ``disk`` (its fallback): every try re-reads the references and puts the input back from disk.
 
 Per row: load, checks and save seconds, the tries, and how many times the checkpoints were
-read, in passes (the load, then bytes read / the input checkpoint's size; the save reads the input and each
-reference once). NIST allows 600 s per model on one A100.
+read, in passes (bytes read / the input checkpoint's size: the load, the save's read of the input, and
+every read of a reference or of the input by the merge code). NIST allows 600 s per model on one A100.
 
     python bench/merge_cost.py --models SmolLM2-135M-shape --out bench/results/merge_cost_cpu.json
     python bench/merge_cost.py --models Llama-3.2-1B Llama-3.1-8B --out bench/results/merge_cost_gpu.json
@@ -68,11 +69,8 @@ def bench_mode(mode, model_dir, ref_dir, out_dir, meta, texts, tokenizer, device
         read.extend(dirs)
         return real_open(dirs, *args)
 
-    share = reference.TRIAL_MEMORY_SHARE if mode == "memory" else 0.0  # 0: no RAM to spare, the disk fallback
-    with (
-        mock.patch.object(reference, "open_references", counting),
-        mock.patch.object(reference, "TRIAL_MEMORY_SHARE", share),
-    ):
+    store = reference.trial_store if mode == "memory" else lambda device, bytes_held: None  # None: the disk fallback
+    with mock.patch.object(reference, "open_references", counting), mock.patch.object(reference, "trial_store", store):
         refs = [reference.Reference(ref_dir, "poisoned", (TRIGGER,))]
         start = time.perf_counter()
         model = modelio.load_model(model_dir, device, dtype)
@@ -84,10 +82,12 @@ def bench_mode(mode, model_dir, ref_dir, out_dir, meta, texts, tokenizer, device
         merge.save_merge(model_dir, out_dir, plan, {}, [])
         save_s = time.perf_counter() - start
     size = _checkpoint_bytes(model_dir)
-    passes = 1 + sum(_checkpoint_bytes(d) for d in read) / size  # the load, then what the merge code reads
+    # the load and the save's read of the input, then every reference (and restore) read by the merge code
+    passes = 2 + sum(_checkpoint_bytes(d) for d in read) / size
     return {
         "mode": mode,
         "in_memory": plan.trial.in_memory,
+        "held_on": plan.trial.held_on,
         "bytes_held_gb": plan.trial.bytes_held / 1e9,
         "tries": plan.trial.tries,
         "trigger_tries": sum(len(c.tried) for c in plan.trigger_checks),
@@ -131,11 +131,11 @@ def main():
 
     print(f"merge route, one poisoned reference, {dtype}, on {device_name}; guard bound {meta.merge_min_agreement}")
     print(f"{'model':20} {'mode':6} {'tries':>5} {'load s':>7} {'checks s':>8} {'guard s':>7} {'save s':>7} "
-          f"{'total s':>7} {'passes read':>11} {'RAM held GB':>11}")  # fmt: skip
+          f"{'total s':>7} {'passes read':>11} {'held GB':>7} held on")  # fmt: skip
     for r in rows:
         print(f"{r['model']:20} {r['mode']:6} {r['tries']:5d} {r['load_s']:7.1f} {r['checks_s']:8.1f} "
               f"{r['guard_s']:7.1f} {r['save_s']:7.1f} {r['total_s']:7.1f} {r['checkpoint_passes_read']:11.1f} "
-              f"{r['bytes_held_gb'] if r['in_memory'] else 0:11.2f}")  # fmt: skip
+              f"{r['bytes_held_gb'] if r['in_memory'] else 0:7.2f} {r['held_on']}")  # fmt: skip
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     settings = {"device": device_name, "dtype": str(dtype), "noise": args.noise, "trigger": dataclasses.asdict(TRIGGER)}

@@ -310,6 +310,7 @@ def merged_in(model, model_dir: Path, reference_dirs: list[Path], weights: list[
 
 
 TRIAL_MEMORY_SHARE = 0.5  # the in-memory trial may take at most this share of the free RAM
+TRIAL_GPU_HEADROOM = 4 * 2**30  # bytes left free on the accelerator for the checks' own generation
 
 
 def available_memory() -> int:
@@ -326,12 +327,27 @@ def available_memory() -> int:
         return 0
 
 
+def trial_store(device: torch.device, bytes_held: int) -> torch.device | None:
+    """Where the in-memory trial keeps its copies: on the model's accelerator when they fit
+    there beside ``TRIAL_GPU_HEADROOM`` (no transfer per try), else in RAM when under
+    ``TRIAL_MEMORY_SHARE`` of the free RAM, else None (each try reads from disk)."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        if bytes_held + TRIAL_GPU_HEADROOM <= free:
+            return device
+    if bytes_held <= TRIAL_MEMORY_SHARE * available_memory():
+        return torch.device("cpu")
+    return None
+
+
 @dataclasses.dataclass
 class MergeTrial:
     """How the merge route's checks tried merges: ``in_memory``, each reference was read once
-    and every try computed from RAM; else each try re-read the checkpoints (not enough RAM)."""
+    and every try computed from the copies ``held_on`` that device; else each try re-read the
+    checkpoints (not enough memory)."""
 
     in_memory: bool = False
+    held_on: str = "disk"
     bytes_held: int = 0
     tries: int = 0
 
@@ -345,20 +361,21 @@ def merge_trial(
 
     The checks try up to ten merges; re-reading the input and every reference from disk for
     each costs about twenty passes over the checkpoints, too slow for an 8B model in NIST's
-    600 s. So each reference is read once into RAM as its difference from the model, ``D_i =
+    600 s. So each reference is read once into memory as its difference from the model, ``D_i =
     W_i - W`` in the model's dtype, beside a copy of ``W``, and each try sets ``W + sum_i w_i D_i``
     (computed in float32 on the model's device) and puts ``W`` back exactly. That holds ``1 + n``
-    copies of the model's weights: when more than ``TRIAL_MEMORY_SHARE`` of the free RAM, one
-    loud line and each try reads from disk instead."""
+    copies of the model's weights, on the accelerator when they fit there, else in RAM
+    (:func:`trial_store`); when neither has room, one loud line and each try reads from disk."""
     record = MergeTrial() if record is None else record
     params = dict(model.named_parameters())
     record.bytes_held = sum(p.numel() * p.element_size() for p in params.values()) * (1 + len(reference_dirs))
-    record.in_memory = record.bytes_held <= TRIAL_MEMORY_SHARE * available_memory()
+    store = trial_store(next(iter(params.values())).device, record.bytes_held)
+    record.in_memory, record.held_on = store is not None, str(store or "disk")
 
-    if not record.in_memory:
-        log.warning("MERGE CHECKS FROM DISK: holding the merge in RAM needs %.1f GB, more than %.0f%% of the free "
-                    "RAM; each try re-reads the checkpoints (slower)", record.bytes_held / 1e9,
-                    100 * TRIAL_MEMORY_SHARE)  # fmt: skip
+    if store is None:
+        log.warning("MERGE CHECKS FROM DISK: holding the merge in memory needs %.1f GB, more than the accelerator "
+                    "has free and %.0f%% of the free RAM; each try re-reads the checkpoints (slower)",
+                    record.bytes_held / 1e9, 100 * TRIAL_MEMORY_SHARE)  # fmt: skip
 
         def from_disk(weights: list[float]) -> contextlib.AbstractContextManager:
             record.tries += 1
@@ -368,11 +385,11 @@ def merge_trial(
         return
     names = modelio.checkpoint_names(model_dir, {n: tuple(p.shape) for n, p in params.items()})
     with torch.no_grad():
-        own = {n: p.detach().to("cpu", copy=True) for n, p in params.items()}
+        own = {n: p.detach().to(store, copy=True) for n, p in params.items()}
         differences = []
         for reference_dir in reference_dirs:
             with open_references([reference_dir]) as tensor:
-                differences.append({n: (tensor(names[n]) - own[n].float()).to(own[n].dtype) for n in params})
+                differences.append({n: (tensor(names[n]).to(store) - own[n].float()).to(own[n].dtype) for n in params})
 
     @contextlib.contextmanager
     def merged(weights: list[float]) -> Iterator[None]:

@@ -151,7 +151,8 @@ def test_mitigate_reports_the_checks_and_writes_the_checked_weights(
     assert report["trigger_checks"][0]["tried"] == [{"weight": 0.25, "asr": 0.9}, {"weight": 0.125, "asr": 0.0}]
     assert report["merge_drift_guard"]["applied"] and report["merge_drift_guard"]["scale"] == 1.0
     # two trigger-check tries and the guard's one, all from RAM
-    assert report["merge_trial"]["in_memory"] and report["merge_trial"]["tries"] == 3
+    assert report["merge_trial"]["in_memory"] and report["merge_trial"]["held_on"] == "cpu"
+    assert report["merge_trial"]["tries"] == 3
     assert {"load", "merge_checks", "merge_and_save"} <= set(report["seconds"])
     mine = load_file(str(model_dir / "model.safetensors"))
     clean, poisoned = (load_file(str(poisoned_round / "models" / n / "model.safetensors")) for n in ("id-2", "id-1"))

@@ -285,7 +285,8 @@ def test_a_merge_trial_computes_each_merge_and_puts_the_input_back_exactly(
             for name, value in _weights(model).items():
                 assert torch.equal(value, own[name]), name
                 assert torch.allclose(seen[name], wanted[name], atol=1e-6), (weights, name)
-    assert record.in_memory == in_memory and record.tries == len(tries)
+    assert record.in_memory == in_memory and record.held_on == ("cpu" if in_memory else "disk")
+    assert record.tries == len(tries)
     assert record.bytes_held == 3 * sum(p.numel() * p.element_size() for p in model.parameters())
     if in_memory:  # one read per reference, whatever the number of tries
         assert opened == [[r] for r in refs]
@@ -295,3 +296,22 @@ def test_a_merge_trial_computes_each_merge_and_puts_the_input_back_exactly(
 
 def test_available_memory_reads_a_positive_figure():
     assert reference.available_memory() > 0
+
+
+@pytest.mark.parametrize(
+    ("device", "gpu_free", "ram_free", "expected"),
+    [
+        ("cuda", 100 * 2**30, 0, "cuda"),  # fits on the accelerator beside the headroom: no transfer per try
+        ("cuda", 11 * 2**30, 100 * 2**30, "cpu"),  # not with the headroom: RAM
+        ("cuda", 0, 19 * 2**30, None),  # neither: more than half the free RAM, the disk fallback
+        ("cpu", 0, 20 * 2**30, "cpu"),
+        ("cpu", 0, 19 * 2**30, None),
+    ],
+)
+def test_the_trial_is_held_on_the_accelerator_then_in_ram_then_read_from_disk(
+    monkeypatch, device, gpu_free, ram_free, expected
+):
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda _: (gpu_free, 80 * 2**30))
+    monkeypatch.setattr(reference, "available_memory", lambda: ram_free)
+    store = reference.trial_store(torch.device(device), 10 * 2**30)
+    assert (store if store is None else store.type) == expected
