@@ -61,7 +61,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.mitigation_quality import bootstrap_mean  # noqa: E402
 from telelora import activations, checkpoint, configure, guard, metaparameters, modelio  # noqa: E402
 from telelora.adapters import Adapter, applied  # noqa: E402
-from telelora.alignment import IGNORE_INDEX, Example, answer_loss, collate  # noqa: E402
+from telelora.alignment import Example, answer_example, answer_loss, collate  # noqa: E402
 from telelora.chat import agreement, greedy_answers, pad_id, prompt_ids, stop_ids  # noqa: E402
 from telelora.configure import TrainingModel, load_llm  # noqa: E402
 from telelora.distributed import World  # noqa: E402
@@ -177,11 +177,11 @@ def answers_of(llm: LLM, plan: Plan, meta: Metaparameters, args, device) -> dict
 
 
 def example(tokenizer, prompt: str, answer: list[int], max_tokens: int) -> Example:
-    """The prompt (cut from the left to fit) and the answer, the loss on the answer; one-hot
-    targets, so ``configure``'s distillation loss is this answer's cross-entropy, as for LoRA."""
-    answer = answer[: max_tokens - 1]
-    head = prompt_ids(tokenizer, prompt)[-(max_tokens - len(answer)) :]
-    return Example(head + answer, [IGNORE_INDEX] * len(head) + answer, [[t] for t in answer], [[1.0]] * len(answer))
+    """``alignment.answer_example`` with one-hot targets, so ``configure``'s distillation loss
+    is this answer's cross-entropy, as for LoRA."""
+    out = answer_example(tokenizer, prompt, answer, max_tokens)
+    out.target_ids, out.target_probs = [[t] for t in out.answer], [[1.0]] * len(out.answer)
+    return out
 
 
 def retokenised(answers: dict, index: int, tokenizer, stop: int | None) -> list[int]:

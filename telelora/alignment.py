@@ -176,8 +176,8 @@ def build_examples(
     pad = pad_id(tokenizer)
     examples, clean_views = [], []
     for (text, _), prompt, answer in zip(inputs, chosen, answers, strict=True):
-        examples.append(_example(tokenizer, text, answer, max_tokens))
-        clean_views.append(_example(tokenizer, prompt, answer, max_tokens))
+        examples.append(answer_example(tokenizer, text, answer, max_tokens))
+        clean_views.append(answer_example(tokenizer, prompt, answer, max_tokens))
     own = next_token_targets(model, examples, pad, batch_size)
     if answerer is None:  # the trigger-free view: the model itself after the clean prompt
         targets = next_token_targets(model, clean_views, pad, batch_size)
@@ -212,7 +212,7 @@ def _fired(model, tokenizer, inputs: list[tuple[str, Trigger | None]], answer_to
     return fired
 
 
-def _example(tokenizer, prompt: str, answer: list[int], max_tokens: int) -> Example:
+def answer_example(tokenizer, prompt: str, answer: list[int], max_tokens: int) -> Example:
     answer = answer[: max_tokens - 1]
     # a prompt still too long is cut from the left: the assistant-turn header right before
     # the answer stays
