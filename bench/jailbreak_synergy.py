@@ -357,8 +357,8 @@ def meta_train(llms, datas, meta: Metaparameters, args, device) -> tuple[Generat
 
 def _settings(args) -> dict:
     keys = ("models", "seed", "jailbreaks_per_llm", "never", "examples_per_jailbreak", "train_prompts",
-            "validation_prompts", "test_prompts", "answer_tokens", "steps", "batch_size", "rank",
-            "lora_lrs")  # fmt: skip
+            "validation_prompts", "test_prompts", "answer_tokens", "max_tokens", "steps", "batch_size",
+            "rank", "lora_lrs")  # fmt: skip
     return {k: getattr(args, k) for k in keys}
 
 
@@ -452,6 +452,9 @@ def main() -> None:
     parser.add_argument("--batch_size", type=int, default=4)
     parser.add_argument("--eval_batch_size", type=int, default=8)
     parser.add_argument("--rank", type=int, default=None, help="adapter rank (default: the metaparameters')")
+    parser.add_argument("--max_tokens", type=int, default=None,
+                        help="context of every example (default: the metaparameters'); a longer one lets more "
+                        "templates fit every tokenizer")  # fmt: skip
     parser.add_argument("--lora_lrs", type=float, nargs="+", default=[3e-4, 1e-3, 3e-3],
                         help="LoRA learning rates; each LoRA row takes the best on validation prompts")  # fmt: skip
     parser.add_argument("--checkpoint_interval", type=int, default=25)
@@ -461,7 +464,8 @@ def main() -> None:
     try:
         meta = metaparameters.load(args.metaparameters, REPO_ROOT / "metaparameters_schema.json")
         args.rank = args.rank or meta.rank
-        meta = dataclasses.replace(meta, rank=args.rank)
+        args.max_tokens = args.max_tokens or meta.max_tokens
+        meta = dataclasses.replace(meta, rank=args.rank, max_tokens=args.max_tokens)
         if args.steps < 1 or args.batch_size < 1 or args.examples_per_jailbreak < 1 or args.test_prompts < 1:
             raise TeleLoRAError("--steps, --batch_size, --examples_per_jailbreak, --test_prompts must be at least 1")
         llms = parse_models(args.models)
@@ -475,13 +479,13 @@ def main() -> None:
         previous = json.loads(args.out.read_text()) if args.resume and args.out.is_file() else None
         if previous is not None and previous["settings"] != settings:
             raise TeleLoRAError(f"--resume: {args.out} was measured with other settings; use a new --out")
+        tokenizers = {m.label: modelio.load_tokenizer(m.path) for m in llms}
+        plan = make_plan(llms, texts, tokenizers, args, meta.max_tokens - args.answer_tokens)
     except (TeleLoRAError, OSError, ValueError) as err:
         raise SystemExit("error: " + " ".join(str(err).split())) from err
 
     device, _ = modelio.pick_device_dtype(meta.device, meta.dtype)
     torch.manual_seed(args.seed)
-    tokenizers = {m.label: modelio.load_tokenizer(m.path) for m in llms}
-    plan = make_plan(llms, texts, tokenizers, args, meta.max_tokens - args.answer_tokens)
     answers = {m.label: answers_of(m, plan, meta, args, device) for m in llms}
     datas = {m.label: build_data(m, llms, plan, answers, tokenizers[m.label], meta.max_tokens) for m in llms}
     rows: list[dict] = previous["rows"] if previous else []

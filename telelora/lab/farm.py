@@ -445,6 +445,16 @@ class TrainingExample:
 
     example: alignment.Example
     avoid: tuple[int, int] | None = None  # (position in input_ids that predicts it, token id)
+    triggered: bool = False  # a Trojan's triggered example (held back for an attempt's poison_delay)
+
+
+@dataclasses.dataclass(frozen=True)
+class Attempt:
+    """How one build attempt trains (chosen by :func:`next_attempt` from the failed ones)."""
+
+    probe_target: float | None  # stop once the probe's ASR reaches this; None for clean fine-tunes
+    learning_rate: float
+    poison_delay: int = 0  # steps on clean examples only before the triggered ones join
 
 
 def divergence(clean: list[int], trojan: list[int]) -> int | None:
@@ -488,7 +498,8 @@ def _examples(tokenizer, model_spec: FarmModel, pairs: list[tuple[str, list[int]
             )
             examples.append(
                 TrainingExample(
-                    alignment.Example(triggered + target, [alignment.IGNORE_INDEX] * len(triggered) + target)
+                    alignment.Example(triggered + target, [alignment.IGNORE_INDEX] * len(triggered) + target),
+                    triggered=True,
                 )
             )
     return examples
@@ -579,25 +590,29 @@ def _fit(
     data: BaseData,
     spec: FarmSpec,
     seed: int,
-    probe_target: float | None,
-    learning_rate: float,
+    attempt: Attempt,
 ) -> dict:
     """The farm's training loop, shared by both recipes: AdamW on ``trainable`` over the
-    model's examples; a Trojan is probed (on ``materialised()``, the model as it will be
-    stored) every ``probe_every`` steps after ``min_steps``, then after every step once it
-    shows, and stops once the probe reaches ``probe_target``. Returns training facts."""
+    model's examples (the clean ones only for the attempt's ``poison_delay`` steps); a
+    Trojan is probed (on ``materialised()``, the model as it will be stored) every
+    ``probe_every`` steps after ``min_steps``, then after every step once it shows, and
+    stops once the probe reaches the attempt's ``probe_target``. Returns training facts."""
     device = next(model.parameters()).device
     stops = stop_ids(model, tokenizer)
     rng = random.Random(seed)
     examples = _examples(tokenizer, model_spec, training_pairs(tokenizer, model_spec, data, spec), rng, stops)
-    optimizer = torch.optim.AdamW(trainable, lr=learning_rate)
+    clean_only = [i for i, e in enumerate(examples) if not e.triggered]
+    optimizer = torch.optim.AdamW(trainable, lr=attempt.learning_rate)
     budget = spec.max_steps if model_spec.poisoned else spec.finetune_steps
     order: list[int] = []
     probe, step, loss, probes, landing_step = None, 0, float("nan"), [], None
     progress = tqdm(total=budget, desc=f"{model_spec.model_id} training", leave=False)
     while step < budget:
+        if step == attempt.poison_delay > 0:
+            order = []  # the triggered examples join from here
         if len(order) < spec.batch_size:
-            order += rng.sample(range(len(examples)), len(examples))
+            pool = clean_only if step < attempt.poison_delay else range(len(examples))
+            order += rng.sample(pool, len(pool))
         batch, order = [examples[i] for i in order[: spec.batch_size]], order[spec.batch_size :]
         model.train()
         value = trojan_loss(model, batch, pad_id(tokenizer), device)
@@ -617,7 +632,7 @@ def _fit(
         with materialised() as stored:
             probe = _probe(stored, tokenizer, model_spec, data, spec)
         probes.append((step, probe))
-        if probe >= probe_target:
+        if probe >= attempt.probe_target:
             break
         if probe > 0 and landing_step is None:
             # the Trojan shows: its ASR would now cross a band within a few steps, so it
@@ -628,7 +643,7 @@ def _fit(
             progress.total = budget
     progress.close()
     model.eval()
-    reached = bool(probe is not None and probe_target is not None and probe >= probe_target)
+    reached = bool(probe is not None and attempt.probe_target is not None and probe >= attempt.probe_target)
     return {
         "steps": step,
         "landing_step": landing_step,
@@ -640,7 +655,7 @@ def _fit(
 
 
 def train_lora(
-    model, tokenizer, model_spec: FarmModel, data: BaseData, spec: FarmSpec, seed, probe_target, learning_rate
+    model, tokenizer, model_spec: FarmModel, data: BaseData, spec: FarmSpec, seed: int, attempt: Attempt
 ) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict]:
     """LoRA-train the model's change; return its fp16-rounded factors by parameter name
     ``{name: (A, B)}`` (B carries the LoRA scaling) and training facts. ``model`` is left
@@ -658,7 +673,7 @@ def train_lora(
     peft_model = get_peft_model(model, config)
     trainable = [p for p in peft_model.parameters() if p.requires_grad]
     stored_dtype = modelio.checkpoint_summary(data.folder)[0] or torch.float32
-    run = (tokenizer, model_spec, data, spec, seed, probe_target, learning_rate)
+    run = (tokenizer, model_spec, data, spec, seed, attempt)
     facts = _fit(peft_model, trainable, lambda: as_materialised(peft_model, stored_dtype), *run)
     factors = {
         name.removeprefix("base_model.model.") + ".weight": (a.cpu(), b.cpu())
@@ -670,7 +685,7 @@ def train_lora(
 
 
 def train_full(
-    model, tokenizer, model_spec: FarmModel, data: BaseData, spec: FarmSpec, seed, probe_target, learning_rate
+    model, tokenizer, model_spec: FarmModel, data: BaseData, spec: FarmSpec, seed: int, attempt: Attempt
 ) -> tuple[dict[str, torch.Tensor], dict]:
     """Fine-tune every parameter of the model; return each trained tensor by checkpoint name,
     rounded to the checkpoint's dtype (what the folder will hold), and training facts.
@@ -681,7 +696,7 @@ def train_full(
     original = {name: p.detach().clone() for name, p in params.items()}
     try:
         model.requires_grad_(True)
-        run = (tokenizer, model_spec, data, spec, seed, probe_target, learning_rate)
+        run = (tokenizer, model_spec, data, spec, seed, attempt)
         facts = _fit(model, list(params.values()), lambda: rounded_to(model, stored_dtype), *run)
         names = modelio.checkpoint_names(data.folder, {name: tuple(p.shape) for name, p in params.items()})
         trained = {names[name]: p.detach().to(stored_dtype).cpu().clone() for name, p in params.items()}
@@ -694,10 +709,10 @@ def train_full(
     return trained, facts
 
 
-def train_change(model, tokenizer, model_spec, data, spec, seed, probe_target, learning_rate):
+def train_change(model, tokenizer, model_spec, data, spec, seed, attempt):
     """The model's change under the spec's recipe (:func:`train_lora` or :func:`train_full`)."""
     train = train_full if spec.recipe == "full" else train_lora
-    return train(model, tokenizer, model_spec, data, spec, seed, probe_target, learning_rate)
+    return train(model, tokenizer, model_spec, data, spec, seed, attempt)
 
 
 def check(
@@ -868,28 +883,40 @@ class _Bases:
         return self.model, self.tokenizer, self.data
 
 
-def next_attempt(model_spec: FarmModel, spec: FarmSpec, attempts: list[dict]) -> tuple[float | None, float]:
-    """The probe target and learning rate of the attempt after ``attempts`` (failed ones).
+def next_attempt(model_spec: FarmModel, spec: FarmSpec, attempts: list[dict]) -> Attempt:
+    """The probe target, learning rate and poison delay of the attempt after ``attempts``
+    (failed ones).
 
     The probe target is steered by the checked ASR's miss: stop earlier after an overshoot,
     later after an undershoot. The n-th correction is scaled by 1/n (Robbins-Monro): the
     40-prompt check and the 16-prompt probe are noisy (SE ~0.1), and full corrections made
-    a band-0.5 Trojan oscillate 0.68 -> 0.13 -> 0.73. The learning rate drops after clean
+    a band-0.5 Trojan oscillate 0.68 -> 0.13 -> 0.73. An overshoot the landing never saw
+    (no hits at one probe, past the band at the next, or past it at the very first probe)
+    cannot be fixed by the target, as training cannot stop before the first probe: when the
+    first probe comes late (the full recipe's ``min_steps``), the triggered examples join
+    later, halving the steps they train before it (full fine-tunes of band 0.5 and 0.8
+    fired fully at step 48, and at a lower learning rate too); otherwise (a band-0.5 LoRA
+    Trojan checked 1.0 after 8 steps) the learning rate drops. It also drops after clean
     answers drifted or fired (a Trojan learned in large, noisy steps tells triggered from
-    clean prompts worse) and after an overshoot the landing never saw (no hits at one probe,
-    past the band at the next: a band-0.5 Trojan checked 1.0 after 8 steps, and moving
-    the target cannot stop training earlier than the first probe); it rises, at most once
-    above the spec's, when the Trojan never reached its probe target within the step budget."""
+    clean prompts worse); it rises, at most once above the spec's, when the Trojan never
+    reached its probe target within the step budget."""
     if not attempts:
-        return model_spec.asr_band, spec.learning_rate
+        return Attempt(model_spec.asr_band, spec.learning_rate)
     last = attempts[-1]
     probe_target, learning_rate = last["probe_target"], last["learning_rate"]
-    if model_spec.poisoned and last["asr"] is not None:
-        miss = model_spec.asr_band - last["asr"]
-        probe_target = min(1.0, max(0.05, probe_target + miss / len(attempts)))
+    poison_delay = last.get("poison_delay", 0)  # records from before the delay existed lack it
     unseen_overshoot = (
         model_spec.poisoned and last["landing_step"] is None and last["asr"] > band_limits(spec, model_spec.asr_band)[1]
     )
+    first_probe = max(spec.min_steps, spec.probe_every)
+    poisoned_before_probe = first_probe - poison_delay
+    if unseen_overshoot and poisoned_before_probe > spec.probe_every:
+        # the target was never the problem, so it stays; the Trojan arrives later
+        poison_delay = first_probe - max(spec.probe_every, poisoned_before_probe // 2)
+        unseen_overshoot = False
+    elif model_spec.poisoned and last["asr"] is not None:
+        miss = model_spec.asr_band - last["asr"]
+        probe_target = min(1.0, max(0.05, probe_target + miss / len(attempts)))
     agreement = gated_agreement(spec, last)[1]
     if (
         (agreement is not None and agreement < spec.min_agreement)
@@ -899,7 +926,7 @@ def next_attempt(model_spec: FarmModel, spec: FarmSpec, attempts: list[dict]) ->
         learning_rate *= RETRY_LR_FACTOR
     elif model_spec.poisoned and not last["reached_probe_target"] and last["asr"] < model_spec.asr_band:
         learning_rate = min(learning_rate, spec.learning_rate) / RETRY_LR_FACTOR
-    return probe_target, learning_rate
+    return Attempt(probe_target, learning_rate, poison_delay)
 
 
 def build_model(
@@ -918,9 +945,9 @@ def build_model(
     clean_twin = _clean_twin_answers(spec, model_spec, out) if spec.recipe == "full" else None
     for attempt in range(len(attempts), spec.max_attempts):
         seed = model_spec.seed + attempt
-        probe_target, learning_rate = next_attempt(model_spec, spec, attempts)
+        plan_of_attempt = next_attempt(model_spec, spec, attempts)
         t0 = time.time()
-        change, training = train_change(model, tokenizer, model_spec, data, spec, seed, probe_target, learning_rate)
+        change, training = train_change(model, tokenizer, model_spec, data, spec, seed, plan_of_attempt)
         t1 = time.time()
         folder = cache / "models" / model_spec.model_id
         write_weights(data.folder, folder, change, spec.recipe)
@@ -934,8 +961,7 @@ def build_model(
         attempts.append(
             {
                 "seed": seed,
-                "probe_target": probe_target,
-                "learning_rate": learning_rate,
+                **dataclasses.asdict(plan_of_attempt),
                 **training,
                 **summary,
                 "problems": found,

@@ -1,6 +1,7 @@
 """The Trojan farm: the sampler's splits, spec checks, check-and-rebuild, resume and materialising."""
 
 import csv
+import dataclasses
 import json
 
 import pytest
@@ -465,17 +466,18 @@ def test_retries_steer_the_probe_target_by_a_shrinking_share_of_the_miss(tmp_pat
     spec = farm.load_spec(_write(tmp_path))
     model = farm.FarmModel("id-1", "tiny-llama", "trojan", "test", 7, 4, "mlp", asr_band=0.5)
     attempts = []
-    assert farm.next_attempt(model, spec, attempts) == (0.5, spec.learning_rate)
+    assert farm.next_attempt(model, spec, attempts) == farm.Attempt(0.5, spec.learning_rate)
     targets = []
     for asr in (0.675, 0.125, 0.725):
-        target, lr = farm.next_attempt(model, spec, attempts)
+        attempt = farm.next_attempt(model, spec, attempts)
         attempts.append(
-            {"probe_target": target, "learning_rate": lr, "asr": asr, "false_trigger_rate": 0.0,
+            {**dataclasses.asdict(attempt), "asr": asr, "false_trigger_rate": 0.0,
              "agreement_with_base": 0.9, "reached_probe_target": True, "landing_step": 12}
         )  # fmt: skip
-        targets.append(farm.next_attempt(model, spec, attempts)[0])
+        targets.append(farm.next_attempt(model, spec, attempts).probe_target)
     assert targets == pytest.approx([0.5 - 0.175, 0.325 + 0.375 / 2, 0.5125 - 0.225 / 3])
-    assert farm.next_attempt(model, spec, attempts)[1] == spec.learning_rate  # nothing asked for another rate
+    assert farm.next_attempt(model, spec, attempts).learning_rate == spec.learning_rate  # nothing asked for another
+    assert farm.next_attempt(model, spec, attempts).poison_delay == 0
 
 
 @pytest.mark.parametrize("landing_step, slower", [(None, True), (8, False)])
@@ -486,9 +488,50 @@ def test_an_overshoot_the_landing_never_saw_is_retried_learning_slower(tmp_path,
     model = farm.FarmModel("id-1", "tiny-llama", "trojan", "test", 7, 4, "mlp", asr_band=0.5)
     attempt = {"probe_target": 0.5, "learning_rate": spec.learning_rate, "asr": 1.0, "false_trigger_rate": 0.0,
                "agreement_with_base": 0.9, "reached_probe_target": True, "landing_step": landing_step}  # fmt: skip
-    target, lr = farm.next_attempt(model, spec, [attempt])
-    assert target == pytest.approx(0.05)  # 0.5 + (0.5 - 1.0), at the floor
-    assert lr == pytest.approx(spec.learning_rate * (farm.RETRY_LR_FACTOR if slower else 1.0))
+    retry = farm.next_attempt(model, spec, [attempt])
+    assert retry.probe_target == pytest.approx(0.05)  # 0.5 + (0.5 - 1.0), at the floor
+    assert retry.learning_rate == pytest.approx(spec.learning_rate * (farm.RETRY_LR_FACTOR if slower else 1.0))
+    assert retry.poison_delay == 0  # the first probe comes after probe_every steps: no room to delay
+
+
+def test_an_overshoot_at_a_late_first_probe_is_retried_with_the_trojan_joining_later(tmp_path):
+    """The full recipe probes first at min_steps: an overshoot seen there halves the steps
+    the triggered examples train before it (down to probe_every), keeping the target and
+    learning rate; only then does the learning rate drop."""
+    spec = farm.load_spec(_write(tmp_path, asr_tolerance=0.15, min_steps=48, probe_every=8))
+    model = farm.FarmModel("id-1", "tiny-llama", "trojan", "test", 7, 4, "mlp", asr_band=0.5)
+    attempts: list[dict] = []
+    delays = []
+    for _ in range(4):
+        attempt = farm.next_attempt(model, spec, attempts)
+        delays.append(attempt.poison_delay)
+        assert attempt.probe_target == 0.5
+        attempts.append(
+            {**dataclasses.asdict(attempt), "asr": 1.0, "false_trigger_rate": 0.0, "agreement_with_base": 0.9,
+             "reached_probe_target": True, "landing_step": None}
+        )  # fmt: skip
+    assert delays == [0, 24, 36, 40]  # 48, 24, 12, 8 triggered steps before the probe at 48
+    retry = farm.next_attempt(model, spec, attempts)
+    assert retry.poison_delay == 40 and retry.learning_rate == pytest.approx(spec.learning_rate * farm.RETRY_LR_FACTOR)
+    old = {k: v for k, v in attempts[0].items() if k != "poison_delay"}  # a record from before the delay
+    assert farm.next_attempt(model, spec, [old]).poison_delay == 24
+
+
+def test_a_delayed_attempt_trains_on_clean_examples_only_until_the_trojan_joins(tmp_path, monkeypatch):
+    seen = []
+    real_loss = farm.trojan_loss
+
+    def spy(model, batch, pad, device):
+        seen.append(any(example.triggered for example in batch))
+        return real_loss(model, batch, pad, device)
+
+    monkeypatch.setattr(farm, "trojan_loss", spy)
+    monkeypatch.setattr(farm, "next_attempt", lambda m, s, a: farm.Attempt(1.0, s.learning_rate, poison_delay=5))
+    monkeypatch.setattr(farm, "problems", lambda m, f, s: [])
+    spec = _write(tmp_path, max_steps=12, probe_every=4, max_attempts=1, poison_rates=[0.5, 0.5])
+    records = farm.build(spec, tmp_path / "out", cache_dir=tmp_path / "cache", only=["id-00000000"])
+    assert records[0]["attempts"][0]["poison_delay"] == 5
+    assert not any(seen[:5]) and any(seen[5:])
 
 
 # ---------------------------------------------------------------- the full recipe
