@@ -189,10 +189,11 @@ def apply_method(
                 "reference_weights": plan.weights,
                 "trigger_checks": [dataclasses.asdict(c) for c in plan.trigger_checks],
                 "merge_guard_scale": plan.drift_guard.scale,
+                "merge_from_depth": plan.from_depth,
             }
             if plan.merges:
                 dirs, weights = plan.kept()
-                reference.merge_into(model, subject.dir, dirs, sum(weights), weights)
+                reference.merge_into(model, subject.dir, dirs, sum(weights), weights, plan.from_depth)
                 return facts
         if method != "mitigate":
             raise NotApplicable(chosen.reason)

@@ -1,7 +1,9 @@
-"""The merge route: every weight merged toward references, checked before anything is written.
+"""The merge route: weights merged toward references, checked before anything is written.
 
 ``W <- (1 - sum_i w_i) W + sum_i w_i W_i`` with per-reference weights ``w_i``, at first
-``reference_weight / n`` each (the mean of ``n`` references). Two checks run on the input
+``reference_weight / n`` each (the mean of ``n`` references), for every weight or, with
+``merge_from_depth`` > 0, for the transformer blocks from that relative depth on
+(``telelora.reference.merged_tensors``). Two checks run on the input
 model with the merge applied in memory, and lower the weights before the merge is written:
 
 * **trigger check**, for each poisoned reference (its triggers declared by the round): its
@@ -57,6 +59,7 @@ class MergePlan:
     trigger_checks: list[TriggerCheck]
     drift_guard: guard.DriftGuard
     trial: reference.MergeTrial = dataclasses.field(default_factory=reference.MergeTrial)
+    from_depth: float = 0.0  # merge_from_depth: which blocks are merged
 
     @property
     def merges(self) -> bool:
@@ -97,12 +100,18 @@ def plan_merge(
     (model, tokenizer), called only when a check needs them (``texts`` may be None when none
     does: :func:`needs_model`). The model's weights are the input's again on return."""
     weights = [meta.reference_weight / len(references)] * len(references)
-    plan = MergePlan(list(references), weights, [], guard.DriftGuard(min_agreement=meta.merge_min_agreement))
+    plan = MergePlan(
+        list(references),
+        weights,
+        [],
+        guard.DriftGuard(min_agreement=meta.merge_min_agreement),
+        from_depth=meta.merge_from_depth,
+    )
     if not needs_model(references, meta):
         return plan
     model, tokenizer = load()
     dirs = [r.path for r in references]
-    with reference.merge_trial(model, model_dir, dirs, plan.trial) as merged:
+    with reference.merge_trial(model, model_dir, dirs, plan.trial, plan.from_depth) as merged:
         _check_triggers(model, tokenizer, references, weights, merged, texts, meta, plan)
         if sum(weights) > 0 and meta.merge_min_agreement > 0:
             plan.drift_guard = guard.fit_scale(
@@ -151,9 +160,9 @@ def _check_triggers(model, tokenizer, references, weights, merged, texts, meta, 
 def save_merge(
     model_dir: Path, output_dir: Path, plan: MergePlan, extra_files: dict[str, str], exclude: list[Path]
 ) -> None:
-    """Write the input with every floating-point weight merged as ``plan`` says, read from disk
-    tensor by tensor (no model is built: one read of the input and of each reference, one write)."""
+    """Write the input with its weights merged as ``plan`` says, read from disk tensor by tensor
+    (no model is built: one read of the input and of each reference, one write)."""
     dirs, weights = plan.kept()
     with reference.open_references(dirs, weights) as tensor:
-        changes = reference.merge_changes(model_dir, tensor, sum(weights))
+        changes = reference.merge_changes(model_dir, tensor, sum(weights), plan.from_depth)
         modelio.save_mitigated(model_dir, output_dir, changes, extra_files, exclude)

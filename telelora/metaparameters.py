@@ -26,7 +26,7 @@ MITIGATE_ONLY = frozenset(
     {
         "reference_weight", "reference_count", "reference_kinds", "base_models_dirpath", "trigger_check_prompts",
         "trigger_check_answer_tokens",
-        "trigger_check_max_asr", "merge_min_agreement", "guard_min_agreement", "guard_prompts",
+        "trigger_check_max_asr", "merge_min_agreement", "merge_from_depth", "guard_min_agreement", "guard_prompts",
         "guard_answer_tokens", "guard_layer_factor",
     }
 )  # fmt: skip
@@ -69,6 +69,7 @@ class Metaparameters:
     trigger_check_answer_tokens: int
     trigger_check_max_asr: float
     merge_min_agreement: float
+    merge_from_depth: float
     seed: int
 
     def to_dict(self) -> dict:

@@ -44,6 +44,7 @@ class MitigationReport:
     reference_kinds: list[str] = dataclasses.field(default_factory=list)
     reference_weights: list[float] = dataclasses.field(default_factory=list)  # per reference, after the checks
     reference_weight: float | None = None  # their sum: W <- (1 - w) W + w W_ref
+    merge_from_depth: float | None = None  # the blocks merged: from this relative depth on (0: every weight)
     trigger_checks: list[dict] = dataclasses.field(default_factory=list)
     merge_drift_guard: dict | None = None
     merge_trial: dict | None = None  # how the checks tried merges: in RAM (one read per reference) or from disk
@@ -76,6 +77,7 @@ def _merge_route(model_dir: Path, output_dir: Path, route, meta, learned_dir, lo
         plan = merge.plan_merge(model_dir, list(route.references), meta, texts, load)
         report.reference_weights = [round(w, 6) for w in plan.weights]
         report.reference_weight = round(sum(plan.weights), 6)
+        report.merge_from_depth = plan.from_depth
         report.trigger_checks = [dataclasses.asdict(c) for c in plan.trigger_checks]
         report.merge_drift_guard = dataclasses.asdict(plan.drift_guard)
         report.merge_trial = dataclasses.asdict(plan.trial)

@@ -21,6 +21,9 @@ Kinds, in the order ``reference_kinds`` gives (by default this one), up to ``ref
 ``base``
     a public base checkpoint shipped with the image: ``base_models_dirpath/<model_architecture>``.
 
+Which weights are merged: every one, or (``merge_from_depth`` > 0) only those of the transformer
+blocks from that relative depth on (:func:`merged_tensors`).
+
 Each must hold exactly the input's floating-point tensors (names and shapes) and never be the
 input itself; within a kind, round models are taken in folder-name order (reproducible).
 Anything unreadable is one loud line and the next candidate. No reference at all: the
@@ -35,7 +38,8 @@ import dataclasses
 import functools
 import logging
 import os
-from collections.abc import Callable, Iterator
+import re
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -51,6 +55,7 @@ ROUND_FLAG = "--round_training_dataset_dirpath"
 # METADATA.csv columns that may hold a model's trigger text and its response, most specific first
 TRIGGER_COLUMNS = ("trigger_text", "trigger.text", "trigger")
 RESPONSE_COLUMNS = ("trigger_response", "trigger.response", "target_text", "target", "response")
+BLOCK_NAME = re.compile(r"(?:^|\.)layers\.(\d+)\.")  # a transformer block's tensors, in every supported family
 
 
 @dataclasses.dataclass(frozen=True)
@@ -256,12 +261,34 @@ def open_references(
         yield tensor
 
 
+def merged_tensors(names: Iterable[str], from_depth: float) -> set[str]:
+    """The checkpoint tensors a merge changes: all of ``names`` at ``from_depth`` 0; else those
+    of the transformer blocks at relative depth ``index / (blocks - 1) >= from_depth``, the
+    embeddings, final norm and head staying the input's.
+
+    Why: on the full-fine-tune validation split the Trojans went with the merge of the upper
+    half of the blocks alone, while merging the lower half or the embeddings removed none of
+    them and cost as much agreement with the input (docs/benches.md). Names with no block
+    index (an unknown layout): one loud line, and every tensor is merged."""
+    names = list(names)
+    if from_depth <= 0:
+        return set(names)
+    index = {name: int(match.group(1)) for name in names if (match := BLOCK_NAME.search(name))}
+    if not index:
+        log.warning("MERGE DEPTH: no transformer block (layers.N.) among the tensor names; every weight is merged")
+        return set(names)
+    last = max(index.values())
+    return {name for name, i in index.items() if last == 0 or i / last >= from_depth}
+
+
 def merge_changes(
-    model_dir: Path, tensor: Callable[[str], torch.Tensor], reference_weight: float
+    model_dir: Path, tensor: Callable[[str], torch.Tensor], reference_weight: float, from_depth: float = 0.0
 ) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
-    """For ``modelio.save_mitigated``: every floating-point tensor of ``model_dir``'s checkpoint
-    merged toward the reference whose tensors ``tensor`` (:func:`open_references`) reads."""
-    return {name: functools.partial(_merged, tensor, name, reference_weight) for name in floating_shapes(model_dir)}
+    """For ``modelio.save_mitigated``: the floating-point tensors of ``model_dir``'s checkpoint
+    that :func:`merged_tensors` picks, merged toward the reference whose tensors ``tensor``
+    (:func:`open_references`) reads; the others are copied as they are."""
+    names = merged_tensors(floating_shapes(model_dir), from_depth)
+    return {name: functools.partial(_merged, tensor, name, reference_weight) for name in sorted(names)}
 
 
 def _merged(tensor, name: str, reference_weight: float, stored: torch.Tensor) -> torch.Tensor:
@@ -275,17 +302,25 @@ def merge_into(
     reference_dirs: list[Path],
     reference_weight: float,
     shares: list[float] | None = None,
+    from_depth: float = 0.0,
 ) -> int:
     """Interpolate a loaded ``model`` (read from ``model_dir``) toward the references' mean
-    (weighted by ``shares``, default equal) in place, every floating-point parameter; return
-    how many were merged. The ``mitigate`` job writes the same merge into a copy of the
-    checkpoint instead (:func:`merge_changes`)."""
-    params = dict(model.named_parameters())
-    names = modelio.checkpoint_names(model_dir, {n: tuple(p.shape) for n, p in params.items()})
+    (weighted by ``shares``, default equal) in place, the parameters :func:`merged_tensors`
+    picks; return how many were merged. The ``mitigate`` job writes the same merge into a
+    copy of the checkpoint instead (:func:`merge_changes`)."""
+    params = _merged_params(model, model_dir, from_depth)
     with open_references(reference_dirs, shares) as tensor:
         for name, param in params.items():
-            param.copy_(interpolate(param, tensor(names[name]), reference_weight).to(param.dtype))
+            param.copy_(interpolate(param, tensor(name), reference_weight).to(param.dtype))
     return len(params)
+
+
+def _merged_params(model: torch.nn.Module, model_dir: Path, from_depth: float) -> dict[str, torch.nn.Parameter]:
+    """The model's parameters :func:`merged_tensors` picks, by checkpoint name."""
+    params = dict(model.named_parameters())
+    names = modelio.checkpoint_names(model_dir, {n: tuple(p.shape) for n, p in params.items()})
+    picked = merged_tensors(names.values(), from_depth)
+    return {names[n]: p for n, p in params.items() if names[n] in picked}
 
 
 def restore(model: torch.nn.Module, model_dir: Path) -> None:
@@ -295,14 +330,16 @@ def restore(model: torch.nn.Module, model_dir: Path) -> None:
 
 
 @contextlib.contextmanager
-def merged_in(model, model_dir: Path, reference_dirs: list[Path], weights: list[float]) -> Iterator[None]:
+def merged_in(
+    model, model_dir: Path, reference_dirs: list[Path], weights: list[float], from_depth: float = 0.0
+) -> Iterator[None]:
     """``model`` computing as the merge with per-reference ``weights`` (``W <- (1 - sum w_i) W
     + sum w_i W_i``), back to the input's own weights on exit, so the merge route can try a
     merge before writing it. No weight: the model as it is."""
     if sum(weights) <= 0:
         yield
         return
-    merge_into(model, model_dir, reference_dirs, sum(weights), weights)
+    merge_into(model, model_dir, reference_dirs, sum(weights), weights, from_depth)
     try:
         yield
     finally:
@@ -354,7 +391,11 @@ class MergeTrial:
 
 @contextlib.contextmanager
 def merge_trial(
-    model: torch.nn.Module, model_dir: Path, reference_dirs: list[Path], record: MergeTrial | None = None
+    model: torch.nn.Module,
+    model_dir: Path,
+    reference_dirs: list[Path],
+    record: MergeTrial | None = None,
+    from_depth: float = 0.0,
 ) -> Iterator[Callable[[list[float]], contextlib.AbstractContextManager]]:
     """A function ``merged(weights)``: a context in which ``model`` computes as the merge with
     per-reference ``weights``, back to its own weights on exit (as :func:`merged_in`).
@@ -364,10 +405,11 @@ def merge_trial(
     600 s. So each reference is read once into memory as its difference from the model, ``D_i =
     W_i - W`` in the model's dtype, beside a copy of ``W``, and each try sets ``W + sum_i w_i D_i``
     (computed in float32 on the model's device) and puts ``W`` back exactly. That holds ``1 + n``
-    copies of the model's weights, on the accelerator when they fit there, else in RAM
-    (:func:`trial_store`); when neither has room, one loud line and each try reads from disk."""
+    copies of the merged weights (:func:`merged_tensors`), on the accelerator when they fit
+    there, else in RAM (:func:`trial_store`); when neither has room, one loud line and each try
+    reads from disk."""
     record = MergeTrial() if record is None else record
-    params = dict(model.named_parameters())
+    params = _merged_params(model, model_dir, from_depth)
     record.bytes_held = sum(p.numel() * p.element_size() for p in params.values()) * (1 + len(reference_dirs))
     store = trial_store(next(iter(params.values())).device, record.bytes_held)
     record.in_memory, record.held_on = store is not None, str(store or "disk")
@@ -379,17 +421,16 @@ def merge_trial(
 
         def from_disk(weights: list[float]) -> contextlib.AbstractContextManager:
             record.tries += 1
-            return merged_in(model, model_dir, reference_dirs, weights)
+            return merged_in(model, model_dir, reference_dirs, weights, from_depth)
 
         yield from_disk
         return
-    names = modelio.checkpoint_names(model_dir, {n: tuple(p.shape) for n, p in params.items()})
     with torch.no_grad():
         own = {n: p.detach().to(store, copy=True) for n, p in params.items()}
         differences = []
         for reference_dir in reference_dirs:
             with open_references([reference_dir]) as tensor:
-                differences.append({n: (tensor(names[n]).to(store) - own[n].float()).to(own[n].dtype) for n in params})
+                differences.append({n: (tensor(n).to(store) - own[n].float()).to(own[n].dtype) for n in params})
 
     @contextlib.contextmanager
     def merged(weights: list[float]) -> Iterator[None]:

@@ -49,6 +49,7 @@ SMALL_META = {
     "trigger_check_answer_tokens": 8,
     "trigger_check_max_asr": 0.1,
     "merge_min_agreement": 0.0,
+    "merge_from_depth": 0.0,
     "seed": 7,
 }
 

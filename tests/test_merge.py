@@ -134,12 +134,13 @@ def test_the_drift_guard_scales_every_weight_down_until_the_answers_agree(
     assert plan.weights == [pytest.approx(meta.reference_weight * guard.scale)]
 
 
+@pytest.mark.parametrize("from_depth", [0.0, 0.5])
 def test_mitigate_reports_the_checks_and_writes_the_checked_weights(
-    tmp_path, model_copy, learned_dir, poisoned_round, monkeypatch
+    tmp_path, model_copy, learned_dir, poisoned_round, monkeypatch, from_depth
 ):
     model_dir = model_copy("llama")
     _scripted_rates(monkeypatch, [0.9, 0.0])
-    meta = write_meta(tmp_path / "meta.json", reference_count=2, merge_min_agreement=0.01)
+    meta = write_meta(tmp_path / "meta.json", reference_count=2, merge_min_agreement=0.01, merge_from_depth=from_depth)
     output = tmp_path / "out"
     argv = _nist_args(model_dir, output, meta, learned_dir, tmp_path, "--round_training_dataset_dirpath",
                       str(poisoned_round))  # fmt: skip
@@ -154,11 +155,14 @@ def test_mitigate_reports_the_checks_and_writes_the_checked_weights(
     assert report["merge_trial"]["in_memory"] and report["merge_trial"]["held_on"] == "cpu"
     assert report["merge_trial"]["tries"] == 3
     assert {"load", "merge_checks", "merge_and_save"} <= set(report["seconds"])
+    assert report["merge_from_depth"] == from_depth
     mine = load_file(str(model_dir / "model.safetensors"))
     clean, poisoned = (load_file(str(poisoned_round / "models" / n / "model.safetensors")) for n in ("id-2", "id-1"))
     written = load_file(str(output / "model.safetensors"))
+    picked = reference.merged_tensors(mine, from_depth)
+    assert (len(picked) == len(mine)) == (from_depth == 0)
     for key, value in mine.items():
-        expected = 0.625 * value + 0.25 * clean[key] + 0.125 * poisoned[key]
+        expected = 0.625 * value + 0.25 * clean[key] + 0.125 * poisoned[key] if key in picked else value
         assert torch.allclose(written[key], expected, atol=1e-6), key
 
 

@@ -254,6 +254,57 @@ def _weights(model) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
+def test_merged_tensors_picks_the_blocks_from_a_relative_depth_on(caplog):
+    names = ["model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"] + [
+        f"model.layers.{i}.{part}.weight" for i in range(5) for part in ("mlp.down_proj", "input_layernorm")
+    ]
+    assert reference.merged_tensors(names, 0.0) == set(names)
+    upper = reference.merged_tensors(names, 0.5)  # depths 0, .25, .5, .75, 1
+    assert upper == {n for n in names if any(f"layers.{i}." in n for i in (2, 3, 4))}
+    assert reference.merged_tensors(names, 1.0) == {n for n in names if "layers.4." in n}
+    nested = [f"language_model.model.layers.{i}.mlp.up_proj.weight" for i in range(3)]  # a multimodal layout
+    assert reference.merged_tensors(nested, 0.6) == {nested[2]}
+    with caplog.at_level(logging.WARNING):
+        assert reference.merged_tensors(["wte.weight", "h0.attn.weight"], 0.5) == {"wte.weight", "h0.attn.weight"}
+    assert "MERGE DEPTH" in caplog.text
+
+
+@pytest.mark.parametrize("in_memory", [True, False])
+def test_a_merge_from_a_depth_changes_only_those_blocks_in_every_path(training_round, tiny_models, tmp_path,
+                                                                      monkeypatch, in_memory):  # fmt: skip
+    """The trial (in RAM or from disk), the in-place merge and the written checkpoint agree,
+    and every tensor outside the picked blocks stays the input's bit for bit."""
+    model_dir = tiny_models["llama"]
+    refs = [training_round / "models" / "id-5", training_round / "models" / "id-6"]
+    weights = [0.25, 0.25]
+    input_weights = _weights(modelio.load_model(model_dir, torch.device("cpu"), torch.float32))
+    model = modelio.load_model(model_dir, torch.device("cpu"), torch.float32)
+    count = reference.merge_into(model, model_dir, refs, sum(weights), weights, from_depth=0.5)
+    expected = _weights(model)
+    picked = reference.merged_tensors(reference.floating_shapes(model_dir), 0.5)
+    assert 0 < count < len(input_weights) and count == len([n for n in picked if n in input_weights])
+    changed = {n for n, value in expected.items() if not torch.equal(value, input_weights[n])}
+    assert changed and changed <= picked  # (a picked norm may equal its references': all ones in tiny models)
+    if not in_memory:
+        monkeypatch.setattr(reference, "available_memory", lambda: 0)
+    model = modelio.load_model(model_dir, torch.device("cpu"), torch.float32)
+    record = reference.MergeTrial()
+    with reference.merge_trial(model, model_dir, refs, record, from_depth=0.5) as merged:
+        with merged(weights):
+            seen = _weights(model)
+    assert all(torch.allclose(seen[n], expected[n], atol=1e-6) for n in expected)
+    assert all(torch.equal(v, input_weights[n]) for n, v in _weights(model).items())
+    if in_memory:
+        per_copy = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if n in picked)
+        assert record.bytes_held == 3 * per_copy  # only the picked blocks are held
+    output = tmp_path / "out"
+    with reference.open_references(refs, weights) as tensor:
+        modelio.save_mitigated(model_dir, output, reference.merge_changes(model_dir, tensor, sum(weights), 0.5))
+    written = _weights(modelio.load_model(output, torch.device("cpu"), torch.float32))
+    assert all(torch.allclose(written[n], expected[n], atol=1e-6) for n in expected)
+    assert all(torch.equal(written[n], input_weights[n]) for n in expected if n not in picked)
+
+
 @pytest.mark.parametrize("in_memory", [True, False])
 def test_a_merge_trial_computes_each_merge_and_puts_the_input_back_exactly(
     training_round, tiny_models, monkeypatch, in_memory
