@@ -38,6 +38,7 @@ from telelora import modelio, reference  # noqa: E402
 from telelora.errors import TeleLoRAError  # noqa: E402
 from telelora.io_utils import atomic_write_text  # noqa: E402
 from telelora.lab import evaluate  # noqa: E402
+from telelora.validation import strict_fidelity  # noqa: E402
 
 PART = re.compile(r"^(all|none|outside|blocks:(?P<lo>[0-9.]+)-(?P<hi>[0-9.]+)(?:/(?P<component>mlp|self_attn))?)$")
 
@@ -119,6 +120,24 @@ def measure(input_dir: Path, reference_dir: Path, variants: list[Variant], num_s
         )
 
 
+def summarise(rows: list[dict]) -> list[dict]:
+    """Per variant: each input's strict Fidelity (a Trojan's removal, against its ``none@0``
+    row, times agreement; a clean model's agreement) and their mean over the inputs measured."""
+    before = {r["input"]: r["asr"] for r in rows if r["variant"] == "none@0"}
+    out = []
+    for label in dict.fromkeys(r["variant"] for r in rows):
+        per_input = {}
+        for r in rows:
+            if r["variant"] != label or r["input"] not in before:
+                continue
+            poisoned = before[r["input"]] == before[r["input"]]  # no ASR (NaN): a clean model
+            per_input[Path(r["input"]).name] = strict_fidelity(poisoned, before[r["input"]], r["asr"], r["agreement"])
+        if per_input:
+            mean = sum(per_input.values()) / len(per_input)
+            out.append({"variant": label, "strict_fidelity": per_input, "mean_strict_fidelity": mean})
+    return out
+
+
 def table(rows: list[dict]) -> str:
     lines = ["| input | variant | share of weights | ASR | false | agreement |", "|---|---|---|---|---|---|"]
     for r in rows:
@@ -159,13 +178,18 @@ def main(argv: list[str] | None = None) -> None:
         rows.append(row)
         print(json.dumps(row), flush=True)
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(args.out, json.dumps({"num_samples": args.num_samples, "rows": rows}, indent=1))
+        payload = {"num_samples": args.num_samples, "rows": rows, "summary": summarise(rows)}
+        atomic_write_text(args.out, json.dumps(payload, indent=1))
 
     done = {(r["input"], r["variant"]) for r in rows}
     for input_dir, reference_dir in pairs:
         measure(input_dir, reference_dir, variants, args.num_samples, done, emit)
     if args.markdown:
         print(table(rows))
+        print("\n| variant | mean strict Fidelity | per input |\n|---|---|---|")
+        for entry in summarise(rows):
+            each = ", ".join(f"{k} {v:.3f}" for k, v in entry["strict_fidelity"].items())
+            print(f"| {entry['variant']} | {entry['mean_strict_fidelity']:.3f} | {each} |")
 
 
 if __name__ == "__main__":

@@ -46,9 +46,24 @@ def test_on_a_tiny_farm_each_variant_is_measured_and_resumed(tiny_farm, tmp_path
     assert none["agreement"] == 1.0 and none["share_of_weights"] == 0
     assert {k: nothing[k] for k in ("asr", "agreement")} == {k: none[k] for k in ("asr", "agreement")}
     assert 0 < upper["share_of_weights"] < 1
+    summary = {e["variant"]: e for e in json.loads(out.read_text())["summary"]}
+    assert summary["none@0"]["mean_strict_fidelity"] == pytest.approx(0.0)  # nothing removed
+    assert set(summary["all@0"]["strict_fidelity"]) == {trojan.model_id}
     bench.main(["--pairs", pair, "--variants", "none@0", "outside@0.5", "--num_samples", "4", "--out", str(out),
                 "--resume"])  # fmt: skip
     assert [r["variant"] for r in json.loads(out.read_text())["rows"]] == [*(r["variant"] for r in rows), "outside@0.5"]
+
+
+def test_the_summary_scores_trojans_by_removal_and_clean_models_by_agreement():
+    rows = [
+        {"input": "/r/t", "variant": "none@0", "asr": 0.8, "agreement": 1.0},
+        {"input": "/r/t", "variant": "all@0.5", "asr": 0.2, "agreement": 0.8},
+        {"input": "/r/c", "variant": "none@0", "asr": float("nan"), "agreement": 1.0},
+        {"input": "/r/c", "variant": "all@0.5", "asr": float("nan"), "agreement": 0.9},
+    ]
+    summary = {e["variant"]: e for e in bench.summarise(rows)}
+    assert summary["all@0.5"]["strict_fidelity"] == pytest.approx({"t": 0.75 * 0.8, "c": 0.9})
+    assert summary["all@0.5"]["mean_strict_fidelity"] == pytest.approx((0.6 + 0.9) / 2)
 
 
 def test_a_pair_without_round_prompts_is_refused(tiny_farm, tmp_path):
