@@ -66,9 +66,10 @@ def test_any_width_and_scale_free_input(h):
         u2, v2 = gen(x * 1000.0, depth=1.0, rank=20)
     assert u.shape == v.shape == (20, h)
     assert torch.isfinite(u).all() and torch.isfinite(v).all()
-    # float32 rounding only: at width 14336 rows reach ~80, so a relative term (single-threaded
-    # BLAS sums in another order than the two-threaded one: 1.6e-4 apart on 83)
-    assert torch.allclose(u, u2, rtol=1e-5, atol=1e-4) and torch.allclose(v, v2, rtol=1e-5, atol=1e-4)
+    # float32 rounding only, relative to the largest entry: at width 14336 entries reach ~80, and
+    # single-threaded BLAS sums in another order than two threads do (1.6e-4 apart, max 83)
+    for a, b in ((u, u2), (v, v2)):
+        assert (a - b).abs().max() <= 1e-4 + 1e-5 * a.abs().max()
     # unit-sized rows: the adapter stays O(1) whatever the width
     assert 1e-3 < v.norm(dim=1).max() < 1e3
 
