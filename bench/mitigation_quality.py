@@ -390,6 +390,7 @@ WHERE_KNOBS = ("device", "dtype")
 
 
 def _mitigation_knobs(meta: dict) -> dict:
+    meta = {**metaparameters.ADDED_LATER, **meta}  # a run from before a key existed ran its neutral value
     return {k: v for k, v in meta.items() if k not in metaparameters.TRAINING_ONLY}
 
 

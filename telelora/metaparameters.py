@@ -31,6 +31,10 @@ MITIGATE_ONLY = frozenset(
     }
 )  # fmt: skip
 
+# keys added after results were recorded, with the value that does what ran before they existed
+# (benches compare an older run's metaparameters as if it had held these)
+ADDED_LATER = {"merge_from_depth": 0.0}
+
 
 @dataclasses.dataclass(frozen=True)
 class Metaparameters:

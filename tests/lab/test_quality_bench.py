@@ -193,6 +193,26 @@ def test_bench_merges_runs_that_measured_other_methods(tiny_round, learned_dir, 
     assert counts == {"none": 2, "magnitude_pruning": 1}
 
 
+def test_a_run_from_before_a_metaparameter_existed_joins_only_at_its_neutral_value(
+    tiny_round, learned_dir, meta_file, tmp_path
+):
+    from telelora import metaparameters
+
+    old, joined = tmp_path / "old.json", tmp_path / "joined.json"
+    bench.main(_args(tiny_round, learned_dir, meta_file, "--methods", "none", "--models", "id-00000000", "--out",
+                     str(old)))  # fmt: skip
+    payload = json.loads(old.read_text())
+    for key in metaparameters.ADDED_LATER:
+        del payload["metaparameters"][key]  # as a run recorded before the key existed
+    old.write_text(json.dumps(payload))
+    bench.main(_args(tiny_round, learned_dir, meta_file, "--methods", "none", "--models", "id-00000000", "--out",
+                     str(joined), "--merge", str(old)))  # fmt: skip
+    assert json.loads(joined.read_text())["summaries"]["all"][0]["models"] == 1
+    other = ("--set", "merge_from_depth=0.5", "--out", str(tmp_path / "j2.json"), "--merge", str(old))
+    message = _error(_args(tiny_round, learned_dir, meta_file, "--methods", "none", "--models", "id-00000000", *other))
+    assert "other settings" in message
+
+
 def _error(argv: list[str]) -> str:
     with pytest.raises(SystemExit) as exc:
         bench.main(argv)
