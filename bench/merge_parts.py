@@ -74,15 +74,14 @@ def picked(names: list[str], part: str) -> set[str]:
         raise TeleLoRAError(f"unknown part {part!r}")
     if part in ("all", "none"):
         return set(names) if part == "all" else set()
-    index = {name: int(m.group(1)) for name in names if (m := reference.BLOCK_NAME.search(name))}
+    depths = reference.block_depths(names)
     if part == "outside":
-        return set(names) - set(index)
-    last = max(index.values(), default=0) or 1
+        return set(names) - set(depths)
     lo, hi, component = float(match["lo"]), float(match["hi"]), match["component"]
     return {
         name
-        for name, i in index.items()
-        if lo <= i / last and (i / last < hi or hi >= 1) and (component is None or f".{component}." in name)
+        for name, depth in depths.items()
+        if lo <= depth and (depth < hi or hi >= 1) and (component is None or f".{component}." in name)
     }
 
 
@@ -102,8 +101,8 @@ def measure(input_dir: Path, reference_dir: Path, variants: list[Variant], num_s
         chosen = picked(list(names.values()), variant.part)
         with torch.no_grad():
             for name, param in params.items():
-                mine = own[name]
-                param.copy_(torch.lerp(mine, theirs[name], variant.weight) if names[name] in chosen else mine)
+                merged = names[name] in chosen
+                param.copy_(reference.interpolate(own[name], theirs[name], variant.weight) if merged else own[name])
         start = time.time()
         figures = evaluate.evaluate(model, tokenizer, prompts, [], num_samples, 16)
         emit(

@@ -261,24 +261,32 @@ def open_references(
         yield tensor
 
 
+def block_depths(names: Iterable[str]) -> dict[str, float]:
+    """``{name: relative depth}`` of the transformer blocks' tensors among ``names``: block
+    ``index / (blocks - 1)``, 0 for the first and 1 for the last (1 when there is one)."""
+    index = {name: int(match.group(1)) for name in names if (match := BLOCK_NAME.search(name))}
+    last = max(index.values(), default=0)
+    return {name: i / last if last else 1.0 for name, i in index.items()}
+
+
 def merged_tensors(names: Iterable[str], from_depth: float) -> set[str]:
     """The checkpoint tensors a merge changes: all of ``names`` at ``from_depth`` 0; else those
-    of the transformer blocks at relative depth ``index / (blocks - 1) >= from_depth``, the
+    of the transformer blocks at relative depth ``>= from_depth`` (:func:`block_depths`), the
     embeddings, final norm and head staying the input's.
 
-    Why: on the full-fine-tune validation split the Trojans went with the merge of the upper
-    half of the blocks alone, while merging the lower half or the embeddings removed none of
-    them and cost as much agreement with the input (docs/benches.md). Names with no block
-    index (an unknown layout): one loud line, and every tensor is merged."""
+    Why it exists: between two full fine-tunes the embeddings' merge removed no Trojan and cost
+    agreement, and the blocks from depth 0.25 on scored better than every weight on that
+    validation split; 0 ships because on the LoRA validation split a Trojan survived the
+    partial merge (docs/benches.md, ``bench/merge_parts.py``). Names with no block index (an
+    unknown layout): one loud line, and every tensor is merged."""
     names = list(names)
     if from_depth <= 0:
         return set(names)
-    index = {name: int(match.group(1)) for name in names if (match := BLOCK_NAME.search(name))}
-    if not index:
+    depths = block_depths(names)
+    if not depths:
         log.warning("MERGE DEPTH: no transformer block (layers.N.) among the tensor names; every weight is merged")
         return set(names)
-    last = max(index.values())
-    return {name for name, i in index.items() if last == 0 or i / last >= from_depth}
+    return {name for name, depth in depths.items() if depth >= from_depth}
 
 
 def merge_changes(
