@@ -168,7 +168,11 @@ def main(argv: list[str] | None = None) -> None:
                 modelio.check_model_dir(folder)
             if not (pair[0] / "test-example-data" / "prompts.json").is_file():
                 raise TeleLoRAError(f"{pair[0]} has no test-example-data/prompts.json (a round model is needed)")
+            if reference.floating_shapes(pair[0]) != reference.floating_shapes(pair[1]):
+                raise TeleLoRAError(f"--pairs {spec!r}: the two models' tensors differ (names or shapes)")
             pairs.append(pair)
+        if args.num_samples < 1:
+            raise TeleLoRAError("--num_samples must be at least 1")
         rows = json.loads(args.out.read_text())["rows"] if args.resume and args.out.is_file() else []
     except (TeleLoRAError, OSError, ValueError, KeyError) as err:
         raise SystemExit("error: " + " ".join(str(err).split())) from err

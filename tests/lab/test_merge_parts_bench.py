@@ -1,8 +1,10 @@
 """The merge-parts bench: its part grammar, the parts it picks, and a tiny farm end to end."""
 
 import json
+import shutil
 
 import pytest
+from safetensors.torch import load_file, save_file
 
 from bench import merge_parts as bench
 from telelora import reference
@@ -74,3 +76,21 @@ def test_a_pair_without_round_prompts_is_refused(tiny_farm, tmp_path):
         bench.main(["--pairs", f"{base}={base}", "--out", str(tmp_path / "x.json")])
     with pytest.raises(SystemExit, match="INPUT_DIR=REFERENCE_DIR"):
         bench.main(["--pairs", str(base), "--out", str(tmp_path / "x.json")])
+
+
+def test_a_reference_of_other_tensors_and_no_samples_are_refused(tiny_farm, tmp_path):
+    _, root, _ = tiny_farm
+    spec = farm.load_spec(root / "out" / "farm_spec.json")
+    trojan = next(m for m in farm.plan(spec) if m.split == "validation" and m.poisoned)
+    round_dir = farm.materialize(root / "out", tmp_path / "round", "validation", root / "cache")
+    model_dir = round_dir / "models" / trojan.model_id
+    other = tmp_path / "other"
+    shutil.copytree(model_dir, other)
+    tensors = load_file(str(other / "model.safetensors"))
+    name = next(iter(tensors))
+    save_file({**tensors, name: tensors[name][:1].clone()}, str(other / "model.safetensors"))
+    with pytest.raises(SystemExit, match="tensors differ"):
+        bench.main(["--pairs", f"{model_dir}={other}", "--out", str(tmp_path / "x.json")])
+    with pytest.raises(SystemExit, match="num_samples"):
+        bench.main(["--pairs", f"{model_dir}={model_dir}", "--num_samples", "0", "--out", str(tmp_path / "x.json")])
+    assert not (tmp_path / "x.json").exists()
