@@ -36,7 +36,9 @@ float32 on the CPU or the metaparameters' device.
         --out bench/results/jailbreak_synergy_cpu.json
 
 Resumable: each LLM's answers are cached in ``--workdir``, meta-training checkpoints there, and
-``--out`` is rewritten after every (row, LLM) measured; ``--resume`` keeps what matches.
+``--out`` is rewritten after every (row, LLM) measured; ``--resume`` keeps what matches. The work
+splits over processes: ``--rows`` and ``--llms`` pick what one measures, and processes started
+with ``--resume`` on one ``--out`` merge their results into it (under a lock) at every write.
 Prints a table, writes JSON and a PNG beside it.
 """
 
@@ -44,6 +46,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import fcntl
 import hashlib
 import json
 import math
@@ -458,7 +461,13 @@ def main() -> None:
     parser.add_argument("--lora_lrs", type=float, nargs="+", default=[3e-4, 1e-3, 3e-3],
                         help="LoRA learning rates; each LoRA row takes the best on validation prompts")  # fmt: skip
     parser.add_argument("--checkpoint_interval", type=int, default=25)
-    parser.add_argument("--resume", action="store_true", help="keep the (row, LLM) results of --out")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep the (row, LLM) results of --out, and merge in those other processes write there",
+    )
+    parser.add_argument("--rows", nargs="+", choices=ROWS, default=list(ROWS), help="the rows this process measures")
+    parser.add_argument("--llms", nargs="+", default=None, help="labels of the LLMs this process measures (all)")
     parser.add_argument("--markdown", action="store_true")
     args = parser.parse_args()
     try:
@@ -471,6 +480,9 @@ def main() -> None:
         llms = parse_models(args.models)
         if len(llms) < 2:
             raise TeleLoRAError("--models: synergy needs at least 2 LLMs")
+        unknown = sorted(set(args.llms or []) - {m.label for m in llms})
+        if unknown:
+            raise TeleLoRAError(f"--llms: {unknown} are not labels of --models")
         texts = load_texts(args.learned_parameters)
         if not texts.jailbreak_templates:
             raise TeleLoRAError(f"{args.learned_parameters} ships no jailbreak templates")
@@ -489,19 +501,27 @@ def main() -> None:
     answers = {m.label: answers_of(m, plan, meta, args, device) for m in llms}
     datas = {m.label: build_data(m, llms, plan, answers, tokenizers[m.label], meta.max_tokens) for m in llms}
     rows: list[dict] = previous["rows"] if previous else []
-    chosen_lr: dict = previous.get("chosen_lr", {}) if previous else {}
     records: list[dict] = previous.get("meta_training", []) if previous else []
     done = {(r["row"], r["llm"]) for r in rows}
+    mine = {(name, m.label) for name in args.rows for m in llms if args.llms is None or m.label in args.llms}
 
     def write() -> None:
-        summary = summarise(rows)
-        payload = {"settings": settings, "metaparameters": meta.to_dict(), "device": str(device),
-                   "plan": {"templates": plan.templates, "assigned": plan.assigned, "never": plan.never},
-                   "chosen_lr": chosen_lr, "rows": rows, "summary": summary, "synergy": synergy(summary),
-                   "paper": PAPER, "meta_training": records}  # fmt: skip
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(args.out, json.dumps(payload, indent=1))
-        plot(summary, rows, records, args.out.with_suffix(".png"))
+        with open(args.out.with_name(args.out.name + ".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # processes sharing --out: read, merge and write one at a time
+            if args.resume and args.out.is_file():
+                on_disk = json.loads(args.out.read_text())
+                if on_disk["settings"] == settings:
+                    rows.extend(r for r in on_disk["rows"] if (r["row"], r["llm"]) not in done)
+                    done.update((r["row"], r["llm"]) for r in on_disk["rows"])
+                    records[:] = records or on_disk.get("meta_training", [])
+            summary = summarise(rows)
+            payload = {"settings": settings, "metaparameters": meta.to_dict(), "device": str(device),
+                       "plan": {"templates": plan.templates, "assigned": plan.assigned, "never": plan.never},
+                       "rows": rows, "summary": summary, "synergy": synergy(summary), "paper": PAPER,
+                       "meta_training": records}  # fmt: skip
+            atomic_write_text(args.out, json.dumps(payload, indent=1))
+            plot(summary, rows, records, args.out.with_suffix(".png"))
 
     def record(name: str, llm: LLM, figures: dict, seconds: float, extra: dict | None = None) -> None:
         rows.append({"row": name, "llm": llm.label, **figures, "seconds": round(seconds, 1), **(extra or {})})
@@ -510,7 +530,7 @@ def main() -> None:
 
     for name in ("none", "model_specific_lora", "model_agnostic_lora"):
         for llm in llms:
-            if (name, llm.label) in done:
+            if (name, llm.label) in done or (name, llm.label) not in mine:
                 continue
             start = time.time()
             loaded = load_llm(llm.path, dataclasses.replace(meta, dtype="float32"), device)
@@ -528,13 +548,13 @@ def main() -> None:
             extra = {"lr": best, "validation_ppl": {str(k): v for k, v in scores.items()}, "examples": len(examples)}
             record(name, llm, measure(loaded, tokenizer, data, trained[best], None, args, device),
                    time.time() - start, extra)  # fmt: skip
-    if any(("telelora", m.label) not in done for m in llms):
+    if any(("telelora", m.label) not in done for m in llms if ("telelora", m.label) in mine):
         start = time.time()
         bank, ranges, trained = meta_train(llms, datas, dataclasses.replace(meta, dtype="float32"), args, device)
         records[:] = trained
         per_llm = (time.time() - start) / len(llms)
         for llm in llms:
-            if ("telelora", llm.label) in done:
+            if ("telelora", llm.label) in done or ("telelora", llm.label) not in mine:
                 continue
             tick = time.time()
             loaded = load_llm(llm.path, dataclasses.replace(meta, dtype="float32"), device)
@@ -545,6 +565,7 @@ def main() -> None:
                 "telelora", llm, figures, per_llm + time.time() - tick, {"guard_scale": mitigation.drift_guard.scale}
             )
 
+    write()  # takes in what other processes wrote to --out meanwhile
     summary = summarise(rows)
     print(f"jailbreak synergy: {len(llms)} LLMs, {args.jailbreaks_per_llm} jailbreaks each, {args.never} never "
           f"assigned; {args.steps} batches of {args.batch_size} per LLM, rank {args.rank}; on {device}")  # fmt: skip
@@ -554,7 +575,6 @@ def main() -> None:
         print(
             f"synergy (TeleLoRA below both LoRA rows on other LLMs' jailbreaks, intervals apart): {verdict['synergy']}"
         )
-    write()
     print(f"wrote {args.out}")
 
 

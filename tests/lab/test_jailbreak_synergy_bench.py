@@ -89,6 +89,27 @@ def test_bench_end_to_end(llms, learned_dir, meta, tmp_path, monkeypatch, capsys
         _run(monkeypatch, _argv(llms, learned_dir, meta, tmp_path / "work", out, "--resume", "--steps", "3"))
 
 
+def test_processes_sharing_one_out_split_the_rows_and_merge_what_each_measured(
+    llms, learned_dir, meta, tmp_path, monkeypatch
+):
+    out, work = tmp_path / "shared.json", tmp_path / "work"
+    measure, sibling = bench.measure, {}
+
+    def measured_while_a_sibling_writes(*a, **k):
+        if not sibling:  # another process records (none, c) after this one started
+            sibling.update(json.loads(out.read_text()))
+            sibling["rows"].append({**sibling["rows"][0], "llm": "c"})
+            out.write_text(json.dumps(sibling))
+        return measure(*a, **k)
+
+    _run(monkeypatch, _argv(llms, learned_dir, meta, work, out, "--resume", "--rows", "none", "--llms", "a"))
+    monkeypatch.setattr(bench, "measure", measured_while_a_sibling_writes)
+    _run(monkeypatch, _argv(llms, learned_dir, meta, work, out, "--resume", "--rows", "none", "model_specific_lora",
+                            "--llms", "b"))  # fmt: skip
+    rows = [(r["row"], r["llm"]) for r in json.loads(out.read_text())["rows"]]
+    assert sorted(rows) == [("model_specific_lora", "b"), ("none", "a"), ("none", "b"), ("none", "c")]
+
+
 def test_the_plan_is_seeded_and_keeps_train_validation_and_test_prompts_apart(llms, learned_dir):
     from telelora.texts import load as load_texts
 
@@ -107,11 +128,12 @@ def test_the_plan_is_seeded_and_keeps_train_validation_and_test_prompts_apart(ll
 
 
 def test_bad_input_is_one_clear_error(llms, learned_dir, meta, tmp_path, monkeypatch):
-    def error(*argv):
+    def error(models, *extra):
         with pytest.raises(SystemExit) as raised:
-            _run(monkeypatch, _argv(*argv, learned_dir, meta, tmp_path / "w", tmp_path / "o.json"))
+            _run(monkeypatch, _argv(models, learned_dir, meta, tmp_path / "w", tmp_path / "o.json", *extra))
         return str(raised.value)
 
     assert "labels must be distinct" in error([llms[0], llms[0]])
     assert "at least 2 LLMs" in error(llms[:1])
     assert "missing" in error([*llms[:1], f"x={tmp_path / 'missing'}"])
+    assert "not labels of --models" in error(llms[:2], "--llms", "z")
