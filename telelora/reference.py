@@ -387,14 +387,17 @@ def trial_store(device: torch.device, bytes_held: int) -> torch.device | None:
 
 @dataclasses.dataclass
 class MergeTrial:
-    """How the merge route's checks tried merges: ``in_memory``, each reference was read once
-    and every try computed from the copies ``held_on`` that device; else each try re-read the
-    checkpoints (not enough memory)."""
+    """How the merge route's checks tried merges: each reference read once and every try
+    computed from the copies ``held_on`` a device, or (``"disk"``: not enough memory) each try
+    re-reading the checkpoints."""
 
-    in_memory: bool = False
     held_on: str = "disk"
     bytes_held: int = 0
     tries: int = 0
+
+    @property
+    def in_memory(self) -> bool:
+        return self.held_on != "disk"
 
 
 @contextlib.contextmanager
@@ -420,7 +423,7 @@ def merge_trial(
     params = _merged_params(model, model_dir, from_depth)
     record.bytes_held = sum(p.numel() * p.element_size() for p in params.values()) * (1 + len(reference_dirs))
     store = trial_store(next(iter(params.values())).device, record.bytes_held)
-    record.in_memory, record.held_on = store is not None, str(store or "disk")
+    record.held_on = str(store or "disk")
 
     if store is None:
         log.warning("MERGE CHECKS FROM DISK: holding the merge in memory needs %.1f GB, more than the accelerator "

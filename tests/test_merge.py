@@ -152,7 +152,7 @@ def test_mitigate_reports_the_checks_and_writes_the_checked_weights(
     assert report["trigger_checks"][0]["tried"] == [{"weight": 0.25, "asr": 0.9}, {"weight": 0.125, "asr": 0.0}]
     assert report["merge_drift_guard"]["applied"] and report["merge_drift_guard"]["scale"] == 1.0
     # two trigger-check tries and the guard's one, all from RAM
-    assert report["merge_trial"]["in_memory"] and report["merge_trial"]["held_on"] == "cpu"
+    assert report["merge_trial"]["held_on"] == "cpu"  # one read per reference
     assert report["merge_trial"]["tries"] == 3
     assert {"load", "merge_checks", "merge_and_save"} <= set(report["seconds"])
     assert report["merge_from_depth"] == from_depth
