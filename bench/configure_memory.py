@@ -155,7 +155,7 @@ def measure_lora(model, layers, inputs, meta, args, device) -> dict:
 
 def bench_model(name: str, meta, args, device, dtype) -> dict:
     model = build_random(name, device, dtype)
-    configure.enable_checkpointing(model)
+    modelio.enable_checkpointing(model)
     layers = find_adapted_layers(model, meta.target_projections)
     examples, inputs = _batch(model.config.vocab_size, args.batch, args.seq, args.answer_tokens, device)
     cfg = measure_configure(model, layers, examples, meta, args, device)

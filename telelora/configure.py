@@ -97,20 +97,10 @@ def load_llm(model_dir: Path, meta: Metaparameters, device) -> LoadedModel:
     modelio.check_model_dir(model_dir)
     model = modelio.load_model(model_dir, device, dtype)
     layers = find_adapted_layers(model, meta.target_projections)
-    enable_checkpointing(model)
-    disable_dropout(model)
+    modelio.enable_checkpointing(model)
+    modelio.disable_dropout(model)
     size = sum(p.numel() * p.element_size() for p in model.parameters())
     return LoadedModel(model, layers, size)
-
-
-def disable_dropout(model: torch.nn.Module) -> None:
-    """Train mode (which gradient checkpointing needs) must not switch dropout on: the LLM
-    is a fixed function of the adapters, and a resumed run must replay it exactly."""
-    for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
-        if isinstance(getattr(module, "attention_dropout", None), float):
-            module.attention_dropout = 0.0
 
 
 def seed_for(model_dir: Path, seed: int) -> int:
@@ -227,15 +217,6 @@ def prepare(
         }
         checkpoint.save(cache, saved)
     return item, loaded
-
-
-def enable_checkpointing(model) -> None:
-    """Non-reentrant activation checkpointing (the method was renamed in transformers 5.2x)."""
-    kwargs = {"use_reentrant": False}
-    if hasattr(model, "activation_checkpointing_enable"):
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 class ModelPool:

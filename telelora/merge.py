@@ -15,6 +15,10 @@ model with the merge applied in memory, and lower the weights before the merge i
   input's own greedy answer tokens on ``guard_prompts`` shipped prompts, else every weight is
   scaled down (``telelora.guard.fit_scale``), as the generators' change is.
 
+Then, with ``repair_prompts`` > 0, the **repair** (``telelora.repair``): the input's own answers
+to shipped prompts are distilled back into the merged model through low-rank adapters, and the
+written weights are the merge plus that change.
+
 The tries share one read of each reference (``telelora.reference.merge_trial``). Without a
 poisoned reference and with the guard off, no model is built: the merge is written tensor by
 tensor from disk. Every weight dropped: the caller runs the generators.
@@ -28,8 +32,12 @@ import random
 from collections.abc import Callable
 from pathlib import Path
 
-from telelora import guard, modelio, reference
+import torch
+
+from telelora import guard, modelio, reference, repair
+from telelora.adapters import LowRankDelta
 from telelora.alignment import Trigger, place_trigger
+from telelora.architectures import find_adapted_layers
 from telelora.chat import hit_rate
 from telelora.metaparameters import Metaparameters
 from telelora.reference import Reference
@@ -51,6 +59,23 @@ class TriggerCheck:
 
 
 @dataclasses.dataclass
+class Repair:
+    """What the repair did: its examples, its steps' first and last loss, and the change it
+    adds to the merge (not reported)."""
+
+    prompts: int = 0
+    examples: int = 0
+    steps: int = 0
+    first_loss: float | None = None
+    last_loss: float | None = None
+    skipped: str = ""  # why no repair was added, where none was
+    delta: LowRankDelta | None = dataclasses.field(default=None, repr=False)
+
+    def report(self) -> dict:
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != "delta"}
+
+
+@dataclasses.dataclass
 class MergePlan:
     """The merge as the checks left it, not yet written."""
 
@@ -60,6 +85,7 @@ class MergePlan:
     drift_guard: guard.DriftGuard
     trial: reference.MergeTrial = dataclasses.field(default_factory=reference.MergeTrial)
     from_depth: float = 0.0  # merge_from_depth: which blocks are merged
+    repair: Repair | None = None  # None: repair_prompts is 0
 
     @property
     def merges(self) -> bool:
@@ -86,7 +112,7 @@ def declared_asr(model, tokenizer, triggers: tuple[Trigger, ...], prompts: list[
 
 def needs_model(references: list[Reference], meta: Metaparameters) -> bool:
     """Whether the checks need the model built (else the merge is written from disk alone)."""
-    return meta.merge_min_agreement > 0 or any(r.kind == "poisoned" for r in references)
+    return meta.merge_min_agreement > 0 or meta.repair_prompts > 0 or any(r.kind == "poisoned" for r in references)
 
 
 def plan_merge(
@@ -124,8 +150,35 @@ def plan_merge(
                 meta.activation_batch_size,
             )
             weights = [w * plan.drift_guard.scale for w in weights]
+        if sum(weights) > 0 and meta.repair_prompts > 0:
+            plan.repair = _repair(model, tokenizer, lambda: merged(weights), texts, meta)
     plan.weights = weights
     return plan
+
+
+def _repair(model, tokenizer, merged, texts: Texts, meta: Metaparameters) -> Repair:
+    """The repair's change of the merge (``merged()``: the context where the model computes as
+    it). Out of accelerator memory, one loud line and no repair: the plain merge is written."""
+    prompts = texts.alignment[: meta.repair_prompts]
+    if len(prompts) < meta.repair_prompts:
+        log.warning("only %d alignment prompts ship; the repair uses all of them", len(prompts))
+    record = Repair(prompts=len(prompts))
+    try:
+        examples = repair.teacher_examples(model, tokenizer, prompts, meta)  # the input, before the merge
+        record.examples = len(examples)
+        with merged():
+            layers = find_adapted_layers(model, meta.target_projections)
+            record.delta, losses = repair.distil(model, tokenizer, layers, examples, meta)
+    except (torch.OutOfMemoryError, ValueError) as err:
+        log.error("MERGE NOT REPAIRED (%s: %s); the plain merge is written", type(err).__name__, err)
+        record.skipped, record.delta = f"{type(err).__name__}: {err}", None
+        return record
+    record.steps = len(losses)
+    if losses:
+        record.first_loss, record.last_loss = round(losses[0], 6), round(losses[-1], 6)
+    else:
+        record.skipped, record.delta = "no repair step had a finite loss", None
+    return record
 
 
 def _check_triggers(model, tokenizer, references, weights, merged, texts, meta, plan: MergePlan) -> None:
@@ -165,4 +218,23 @@ def save_merge(
     dirs, weights = plan.kept()
     with reference.open_references(dirs, weights) as tensor:
         changes = reference.merge_changes(model_dir, tensor, sum(weights), plan.from_depth)
+        if plan.repair is not None and plan.repair.delta is not None:
+            changes = repaired_changes(model_dir, changes, plan.repair.delta)
         modelio.save_mitigated(model_dir, output_dir, changes, extra_files, exclude)
+
+
+def repaired_changes(model_dir: Path, changes: dict, delta: LowRankDelta) -> dict:
+    """``changes`` with the repair's ``W + B A`` added after the merge of each adapted weight
+    (or alone, for a weight the merge leaves as it is)."""
+    factors = delta.stacked()
+    shapes = {f"{name}.weight": (b.shape[0], a.shape[1]) for name, (a, b) in factors.items()}
+    names = modelio.checkpoint_names(model_dir, shapes)
+    out = dict(changes)
+    for name, (a, b) in factors.items():
+        key = names[f"{name}.weight"]
+        out[key] = _then(changes.get(key), modelio.add_low_rank(a, b))
+    return out
+
+
+def _then(first, second):
+    return second if first is None else (lambda stored: second(first(stored)))

@@ -27,13 +27,13 @@ MITIGATE_ONLY = frozenset(
         "reference_weight", "reference_count", "reference_kinds", "base_models_dirpath", "trigger_check_prompts",
         "trigger_check_answer_tokens",
         "trigger_check_max_asr", "merge_min_agreement", "merge_from_depth", "guard_min_agreement", "guard_prompts",
-        "guard_answer_tokens", "guard_layer_factor",
+        "guard_answer_tokens", "guard_layer_factor", "repair_prompts", "repair_learning_rate", "repair_batch_size",
     }
 )  # fmt: skip
 
 # keys added after results were recorded, with the value that does what ran before they existed
 # (benches compare an older run's metaparameters as if it had held these)
-ADDED_LATER = {"merge_from_depth": 0.0}
+ADDED_LATER = {"merge_from_depth": 0.0, "repair_prompts": 0, "repair_learning_rate": 0.001, "repair_batch_size": 8}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,6 +74,9 @@ class Metaparameters:
     trigger_check_max_asr: float
     merge_min_agreement: float
     merge_from_depth: float
+    repair_prompts: int
+    repair_learning_rate: float
+    repair_batch_size: int
     seed: int
 
     def to_dict(self) -> dict:

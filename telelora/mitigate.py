@@ -48,6 +48,7 @@ class MitigationReport:
     trigger_checks: list[dict] = dataclasses.field(default_factory=list)
     merge_drift_guard: dict | None = None
     merge_trial: dict | None = None  # how the checks tried merges: in RAM (one read per reference) or from disk
+    merge_repair: dict | None = None  # the repair after the merge (telelora.repair): examples, steps, losses
     num_layers_adapted: int = 0
     device: str | None = None
     compute_dtype: str | None = None
@@ -81,6 +82,7 @@ def _merge_route(model_dir: Path, output_dir: Path, route, meta, learned_dir, lo
         report.trigger_checks = [dataclasses.asdict(c) for c in plan.trigger_checks]
         report.merge_drift_guard = dataclasses.asdict(plan.drift_guard)
         report.merge_trial = dataclasses.asdict(plan.trial)
+        report.merge_repair = plan.repair.report() if plan.repair is not None else None
         lap("merge_checks")
         if not plan.merges:
             log.error("MERGE DROPPED: the checks left no reference with a weight; running the generators instead")

@@ -257,6 +257,33 @@ def load_model(model_dir: Path, device: torch.device, dtype: torch.dtype, trust_
     return model
 
 
+def enable_checkpointing(model) -> None:
+    """Non-reentrant activation checkpointing, active in train mode (the method was renamed in
+    transformers 5.2x)."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def disable_checkpointing(model) -> None:
+    if hasattr(model, "activation_checkpointing_disable"):
+        model.activation_checkpointing_disable()
+    else:
+        model.gradient_checkpointing_disable()
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    """Train mode (which gradient checkpointing needs) must not switch dropout on: the LLM
+    is a fixed function of the adapters, and a resumed run must replay it exactly."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0
+
+
 def check_output_dir(output_dir: Path) -> None:
     """Fail early, before any heavy work, when ``output_dir`` cannot be written."""
     try:

@@ -50,6 +50,9 @@ SMALL_META = {
     "trigger_check_max_asr": 0.1,
     "merge_min_agreement": 0.0,
     "merge_from_depth": 0.0,
+    "repair_prompts": 0,
+    "repair_learning_rate": 0.001,
+    "repair_batch_size": 2,
     "seed": 7,
 }
 
