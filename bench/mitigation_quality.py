@@ -391,7 +391,7 @@ WHERE_KNOBS = ("device", "dtype")
 
 def _mitigation_knobs(meta: dict) -> dict:
     meta = {**metaparameters.ADDED_LATER, **meta}  # a run from before a key existed ran its neutral value
-    return {k: v for k, v in meta.items() if k not in metaparameters.TRAINING_ONLY}
+    return {k: v for k, v in metaparameters.effective(meta).items() if k not in metaparameters.TRAINING_ONLY}
 
 
 def learned_digest(learned_dir: Path) -> str:

@@ -33,7 +33,16 @@ MITIGATE_ONLY = frozenset(
 
 # keys added after results were recorded, with the value that does what ran before they existed
 # (benches compare an older run's metaparameters as if it had held these)
-ADDED_LATER = {"merge_from_depth": 0.0, "repair_prompts": 0, "repair_learning_rate": 0.001, "repair_batch_size": 8}
+ADDED_LATER = {"merge_from_depth": 0.0, "repair_prompts": 0}
+# keys that do nothing while another key is at its off value: (key, off value) -> inert keys
+INERT_WHEN_OFF = {("repair_prompts", 0): ("repair_learning_rate", "repair_batch_size")}
+
+
+def effective(values: dict) -> dict:
+    """``values`` without the keys that do nothing given the others (the repair's learning rate
+    while the repair is off), so two runs that compute the same compare equal."""
+    inert = {k for (key, off), keys in INERT_WHEN_OFF.items() if values.get(key, off) == off for k in keys}
+    return {k: v for k, v in values.items() if k not in inert}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -75,3 +75,17 @@ def test_a_broken_schema_gets_one_line(tmp_path):
     (tmp_path / "schema.json").write_text('{"type": "objekt"}')
     with pytest.raises(MetaparameterError, match="not a valid draft-07 schema"):
         metaparameters.load(write_meta(tmp_path / "m.json"), tmp_path / "schema.json")
+
+
+def test_keys_that_do_nothing_while_their_switch_is_off_are_left_out_of_comparisons():
+    from telelora.metaparameters import effective
+
+    off = {"repair_prompts": 0, "repair_learning_rate": 0.001, "repair_batch_size": 8, "rank": 16}
+    assert (
+        effective(off)
+        == effective({**off, "repair_learning_rate": 0.1, "repair_batch_size": 2})
+        == {"repair_prompts": 0, "rank": 16}
+    )
+    on = {**off, "repair_prompts": 256}
+    assert effective(on) == on and effective(on) != effective({**on, "repair_learning_rate": 0.1})
+    assert effective({"rank": 16, "repair_learning_rate": 0.1}) == {"rank": 16}  # a run from before the switch existed
