@@ -63,6 +63,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from telelora import merge, metaparameters, modelio, reference, route  # noqa: E402
+from telelora.architectures import find_adapted_layers  # noqa: E402
 from telelora.errors import TeleLoRAError  # noqa: E402
 from telelora.generated import mitigate_model  # noqa: E402
 from telelora.io_utils import atomic_write_text  # noqa: E402
@@ -194,6 +195,10 @@ def apply_method(
             if plan.merges:
                 dirs, weights = plan.kept()
                 reference.merge_into(model, subject.dir, dirs, sum(weights), weights, plan.from_depth)
+                if plan.repair is not None:  # as mitigate writes it: the merge, then the repair's change
+                    facts["merge_repair"] = plan.repair.report()
+                    if plan.repair.delta is not None:
+                        plan.repair.delta.merge(find_adapted_layers(model, meta.target_projections))
                 return facts
         if method != "mitigate":
             raise NotApplicable(chosen.reason)

@@ -315,3 +315,22 @@ def test_bench_nist_shaped_round_forced_routes_and_the_shipped_choice(tiny_round
     assert trojan["reference_kinds"] == ["poisoned"] and trojan["reference_models"] == ["id-poisoned-llama"]
     assert trojan["trigger_checks"][0]["triggers"] == ["cf zebra"] and trojan["trigger_checks"][0]["tried"]
     assert rows[("id-00000001", "mitigate")]["details"]["reference_kinds"] == ["clean"]
+
+
+def test_bench_reference_merge_applies_the_repair(tiny_round, learned_dir, meta_file, tmp_path):
+    """The bench changes the model as mitigate writes it: the merge, then the repair's change."""
+    references = _training_round(tiny_round, tmp_path / "training-round")
+    figures = {}
+    for prompts in (0, 4):
+        out = tmp_path / f"repair{prompts}.json"
+        bench.main(_args(tiny_round, learned_dir, meta_file, "--methods", "reference_merge", "--models", "id-00000000",
+                         "--reference_round", str(references), "--out", str(out), "--set", f"repair_prompts={prompts}",
+                         "--set", "repair_learning_rate=0.05"))  # fmt: skip
+        (row,) = [r for r in json.loads(out.read_text())["rows"] if r["method"] == "reference_merge"]
+        figures[prompts] = row
+    assert "merge_repair" not in figures[0]["details"]
+    assert (
+        figures[4]["details"]["merge_repair"]["steps"] == 2 and figures[4]["details"]["merge_repair"]["skipped"] == ""
+    )
+    assert figures[4]["details"]["reference_weights"] == figures[0]["details"]["reference_weights"]
+    assert figures[4]["agreement"] != figures[0]["agreement"]  # the repair's change is in the model measured
