@@ -6,11 +6,10 @@ answer tokens. The input still gives its normal answers, and the shipped prompts
 trigger, so its next-token distributions along its own greedy answers to ``repair_prompts`` of
 them are a teacher that asks for the normal behaviour back and for nothing of the Trojan
 (Fine-mixing, Zhang et al. 2022, repairs a merge with labelled clean data; here the labels are
-the input's own). One adapter per adapted projection, the generators' multiplicative form
-``W (I + V^T U)`` at rank ``rank`` and starting at the identity, is trained on the merged model
-with ``configure``'s distillation loss, one pass over the examples in batches of
-``repair_batch_size``. The change is then written into the merged weights exactly
-(:class:`telelora.adapters.LowRankDelta`).
+the input's own). One LoRA ``W + B A`` per adapted projection, rank ``rank``, starting at the
+merge, is trained on the merged model with ``configure``'s distillation loss, one pass over the
+examples in batches of ``repair_batch_size``. The change is then written into the merged
+weights exactly (:class:`telelora.adapters.LowRankDelta`).
 """
 
 from __future__ import annotations
@@ -23,7 +22,7 @@ import torch
 from tqdm import tqdm
 
 from telelora import modelio
-from telelora.adapters import Adapter, LowRankDelta, applied
+from telelora.adapters import LowRankDelta
 from telelora.alignment import Example, answer_example, collate, distill_loss, next_token_targets
 from telelora.architectures import AdaptedLayer
 from telelora.chat import greedy_answers, pad_id
@@ -50,21 +49,24 @@ def teacher_examples(model, tokenizer, prompts: list[str], meta: Metaparameters)
 def distil(
     model, tokenizer, layers: list[AdaptedLayer], examples: list[Example], meta: Metaparameters
 ) -> tuple[LowRankDelta, list[float]]:
-    """Adapters trained on ``model`` as it now computes (the merge) toward ``examples``' targets,
-    returned as the change of the weights, and the loss of each step. A step whose loss is not
-    finite is skipped; so is the whole change when no step ran."""
+    """A low-rank change ``W + B A`` per layer trained on ``model`` as it now computes (the
+    merge) toward ``examples``' targets, and the loss of each step. ``A`` starts as PEFT's LoRA
+    does (uniform within ``1/sqrt(in_features)``), ``B`` at zero, so training starts at the merge.
+    Additive, not the generators' ``W (I + V^T U)``: there the change of a layer scales with
+    its weight, and one learning rate that moved some layers too little diverged others
+    (session 19). A step whose loss is not finite is skipped; no step run, no change."""
     if not examples:
         raise ValueError("no repair example has an answer to learn")
     device = next(model.parameters()).device
     generator = torch.Generator().manual_seed(meta.seed)
-    adapters = {}
+    delta = LowRankDelta()
     for layer in layers:
-        width = layer.module.in_features
-        u = torch.randn(meta.rank, width, generator=generator) / math.sqrt(width)
-        adapters[layer.name] = Adapter(
-            u.to(device).requires_grad_(), torch.zeros_like(u, device=device).requires_grad_()
-        )
-    params = [t for a in adapters.values() for t in (a.u, a.v)]
+        module = layer.module
+        bound = 1 / math.sqrt(module.in_features)
+        a = (torch.rand(meta.rank, module.in_features, generator=generator) * 2 - 1) * bound
+        b = torch.zeros(module.out_features, meta.rank)
+        delta.factors[layer.name] = (a.to(device).requires_grad_(), b.to(device).requires_grad_())
+    params = [t for factors in delta.factors.values() for t in factors]
     optimizer = torch.optim.AdamW(params, lr=meta.repair_learning_rate, weight_decay=0.0)
     order = list(range(len(examples)))
     random.Random(meta.seed).shuffle(order)
@@ -73,7 +75,7 @@ def distil(
     modelio.disable_dropout(model)  # train mode, which checkpointing needs, must not add noise
     model.train()
     try:
-        with applied(layers, adapters):
+        with delta.applied(layers):
             starts = range(0, len(order), meta.repair_batch_size)
             for start in tqdm(starts, desc="repair", leave=False):
                 batch = collate([examples[i] for i in order[start : start + meta.repair_batch_size]], pad, device)
@@ -88,8 +90,5 @@ def distil(
     finally:
         model.eval()
         modelio.disable_checkpointing(model)
-    delta = LowRankDelta()
-    if losses:
-        trained = {name: Adapter(a.u.detach(), a.v.detach()) for name, a in adapters.items()}
-        delta.add_step(layers, trained, 1.0)
+    delta.factors = {name: (a.detach(), b.detach()) for name, (a, b) in delta.factors.items()} if losses else {}
     return delta, losses
