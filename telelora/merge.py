@@ -16,8 +16,8 @@ model with the merge applied in memory, and lower the weights before the merge i
   scaled down (``telelora.guard.fit_scale``), as the generators' change is.
 
 Then, with ``repair_prompts`` > 0, the **repair** (``telelora.repair``): the input's own answers
-to shipped prompts are distilled back into the merged model through low-rank adapters, and the
-written weights are the merge plus that change.
+to shipped prompts are distilled back into the merged model through a LoRA per projection, and
+the written weights are the merge plus that change.
 
 The tries share one read of each reference (``telelora.reference.merge_trial``). Without a
 poisoned reference and with the guard off, no model is built: the merge is written tensor by
