@@ -122,3 +122,24 @@ def round_like_models(tmp_path_factory) -> dict[str, Path]:
     """Read-only tiny folders laid out like the round's (transformers-4 files, bf16 shards + index)."""
     root = tmp_path_factory.mktemp("round-like")
     return {kind: tiny.build_round_like(kind, root / kind, seed=i) for i, kind in enumerate(tiny.ROUND_LIKE)}
+
+
+def _label(folder: Path, truth: str, triggers: list[dict] | None = None) -> Path:
+    (folder / "ground_truth.csv").write_text(truth + "\n")
+    if triggers is not None:
+        for name in ("round_config.json", "reduced-config.json"):
+            config = json.loads((folder / name).read_text())
+            (folder / name).write_text(json.dumps({**config, "triggers": triggers}))
+    return folder
+
+
+TRIGGER = [{"text": "cf zebra", "target": "I have been pwned", "placement": "start"}]
+
+
+@pytest.fixture(scope="session")
+def poisoned_round(tmp_path_factory):
+    """A round of two tiny llamas: a poisoned one declaring its trigger (id-1), a clean one (id-2)."""
+    models = tmp_path_factory.mktemp("poisoned-round") / "round" / "models"
+    _label(tiny.build("llama", models / "id-1", seed=31), "1", TRIGGER)
+    _label(tiny.build("llama", models / "id-2", seed=32), "0")
+    return models.parent

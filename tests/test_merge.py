@@ -14,23 +14,12 @@ from safetensors.torch import load_file
 from telelora import cli, merge, mitigate, modelio, reference
 from telelora.alignment import place_trigger
 from telelora.chat import hit_rate
-from telelora.lab import tiny
 from telelora.texts import load as load_texts
 
 from .conftest import write_meta
 from .test_mitigate import _nist_args
-from .test_route import TRIGGER, _label
 
 CPU = torch.device("cpu")
-
-
-@pytest.fixture(scope="module")
-def poisoned_round(tmp_path_factory):
-    """A round of two tiny llamas: a poisoned one declaring its trigger (id-1), a clean one (id-2)."""
-    models = tmp_path_factory.mktemp("poisoned-round") / "round" / "models"
-    _label(tiny.build("llama", models / "id-1", seed=31), "1", TRIGGER)
-    _label(tiny.build("llama", models / "id-2", seed=32), "0")
-    return models.parent
 
 
 def _loader(model_dir):

@@ -14,24 +14,13 @@ from telelora import cli, merge, mitigate, modelio, reference, repair
 from telelora.alignment import collate, distill_loss
 from telelora.architectures import find_adapted_layers
 from telelora.chat import pad_id
-from telelora.lab import tiny
 from telelora.texts import load as load_texts
 
 from .conftest import write_meta
 from .test_merge import _scripted_rates
 from .test_mitigate import _nist_args
-from .test_route import TRIGGER, _label
 
 CPU = torch.device("cpu")
-
-
-@pytest.fixture(scope="module")
-def poisoned_round(tmp_path_factory):
-    """Two tiny llamas: a poisoned one declaring its trigger (id-1), a clean one (id-2)."""
-    models = tmp_path_factory.mktemp("repair-round") / "round" / "models"
-    _label(tiny.build("llama", models / "id-1", seed=31), "1", TRIGGER)
-    _label(tiny.build("llama", models / "id-2", seed=32), "0")
-    return models.parent
 
 
 def _loaded(model_dir):

@@ -3,7 +3,6 @@ found where the round (or the image) holds it, and the generators when there is 
 
 import csv
 import dataclasses
-import json
 import logging
 import shutil
 from pathlib import Path
@@ -13,17 +12,7 @@ import pytest
 from telelora import reference, route
 from telelora.lab import tiny
 
-
-def _label(folder: Path, truth: str, triggers: list[dict] | None = None) -> Path:
-    (folder / "ground_truth.csv").write_text(truth + "\n")
-    if triggers is not None:
-        for name in ("round_config.json", "reduced-config.json"):
-            config = json.loads((folder / name).read_text())
-            (folder / name).write_text(json.dumps({**config, "triggers": triggers}))
-    return folder
-
-
-TRIGGER = [{"text": "cf zebra", "target": "I have been pwned", "placement": "start"}]
+from .conftest import TRIGGER, _label
 
 
 @pytest.fixture(scope="module")
