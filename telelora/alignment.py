@@ -193,6 +193,11 @@ def build_examples(
             ]
             for m, t, e, hit in zip(own, theirs, examples, fired, strict=True)
         ]
+    return with_targets(examples, targets)
+
+
+def with_targets(examples: list[Example], targets: list[list[tuple[list[int], list[float]]]]) -> list[Example]:
+    """``examples`` carrying, per answer token, a target distribution (:func:`next_token_targets`)."""
     for example, target in zip(examples, targets, strict=True):
         example.target_ids = [ids for ids, _ in target]
         example.target_probs = [probs for _, probs in target]

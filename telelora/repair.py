@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from telelora import modelio
 from telelora.adapters import LowRankDelta
-from telelora.alignment import Example, answer_example, collate, distill_loss, next_token_targets
+from telelora.alignment import Example, answer_example, collate, distill_loss, next_token_targets, with_targets
 from telelora.architectures import AdaptedLayer
 from telelora.chat import greedy_answers, pad_id
 from telelora.metaparameters import Metaparameters
@@ -39,11 +39,7 @@ def teacher_examples(model, tokenizer, prompts: list[str], meta: Metaparameters)
     )
     examples = [answer_example(tokenizer, p, a, meta.max_tokens) for p, a in zip(prompts, answers, strict=True)]
     examples = [e for e in examples if e.answer]
-    targets = next_token_targets(model, examples, pad_id(tokenizer), meta.activation_batch_size)
-    for example, target in zip(examples, targets, strict=True):
-        example.target_ids = [ids for ids, _ in target]
-        example.target_probs = [probs for _, probs in target]
-    return examples
+    return with_targets(examples, next_token_targets(model, examples, pad_id(tokenizer), meta.activation_batch_size))
 
 
 def distil(
