@@ -331,7 +331,11 @@ def meta_train(llms, datas, meta: Metaparameters, args, device) -> tuple[Generat
     total = args.steps * len(llms)
     records: list[dict] = []
     path = Path(args.workdir) / "meta_training.pt"
-    fingerprint = {"llms": [str(m.path.resolve()) for m in llms], "settings": _settings(args), "meta": meta.to_dict()}
+    fingerprint = {
+        "llms": [str(m.path.resolve()) for m in llms],
+        "settings": _settings(args),
+        "meta": metaparameters.meta_training_knobs(meta),
+    }
     start = 0
     if path.is_file():
         state = checkpoint.load(path, fingerprint)

@@ -42,7 +42,7 @@ from telelora.distributed import World
 from telelora.errors import TeleLoRAError
 from telelora.generator import GeneratorBank
 from telelora.io_utils import atomic_write_text
-from telelora.metaparameters import MITIGATE_ONLY, Metaparameters
+from telelora.metaparameters import Metaparameters, meta_training_knobs
 from telelora.texts import TEXTS_FILE, Texts
 from telelora.texts import load as load_texts
 
@@ -351,8 +351,7 @@ def meta_step(
 def _fingerprint(
     meta: Metaparameters, model_dirs: list[Path], texts: Texts, world: World, validation_dirs: list[Path] = ()
 ) -> dict:
-    # what only mitigate reads may change between a checkpoint and its resumption
-    knobs = {k: v for k, v in meta.to_dict().items() if k != "train_iterations" and k not in MITIGATE_ONLY}
+    knobs = meta_training_knobs(meta)
     models = [str(d.resolve()) for d in model_dirs]
     held_out = [str(d.resolve()) for d in validation_dirs]
     return {

@@ -38,6 +38,12 @@ ADDED_LATER = {"merge_from_depth": 0.0, "repair_prompts": 0}
 INERT_WHEN_OFF = {("repair_prompts", 0): ("repair_learning_rate", "repair_batch_size")}
 
 
+def meta_training_knobs(meta: Metaparameters) -> dict:
+    """What a meta-training checkpoint must match to be resumed: every knob but the ones only
+    ``mitigate`` reads and the step count (a run may be resumed to train longer)."""
+    return {k: v for k, v in meta.to_dict().items() if k != "train_iterations" and k not in MITIGATE_ONLY}
+
+
 def effective(values: dict) -> dict:
     """``values`` without the keys that do nothing given the others (the repair's learning rate
     while the repair is off), so two runs that compute the same compare equal."""

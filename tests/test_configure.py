@@ -189,6 +189,9 @@ def test_resume_refuses_a_changed_run_or_a_missing_checkpoint(tmp_path, model_co
     # more iterations is allowed: training simply goes on from the checkpoint
     code, out = _run_configure(tmp_path, models, flags=["--resume"], train_iterations=4)
     assert code == 0 and json.loads((out / "generators.json").read_text())["provenance"]["resumed_from_step"] == 2
+    # a knob only mitigate reads (here the repair's) does not block a resume either
+    code, out = _run_configure(tmp_path, models, flags=["--resume"], train_iterations=4, repair_prompts=8)
+    assert code == 0 and json.loads((out / "generators.json").read_text())["provenance"]["resumed_from_step"] == 2
 
 
 def test_alignment_data_is_cached_in_scratch(tmp_path, model_copy, monkeypatch):
