@@ -190,6 +190,7 @@ def apply_method(
                 "reference_weights": plan.weights,
                 "trigger_checks": [dataclasses.asdict(c) for c in plan.trigger_checks],
                 "merge_guard_scale": plan.drift_guard.scale,
+                "merge_guard_agreement": plan.drift_guard.agreement,
                 "merge_from_depth": plan.from_depth,
             }
             if plan.merges:

@@ -115,6 +115,22 @@ class DriftGuard:
 
 
 @torch.no_grad()
+def agreement_with_input(
+    model,
+    tokenizer,
+    applied: contextlib.AbstractContextManager,
+    prompts: list[str],
+    answer_tokens: int,
+    batch_size: int,
+) -> float:
+    """The share of the unchanged model's own greedy answer tokens on ``prompts`` that it still
+    ranks first inside ``applied`` (the guard's reading, without a bound)."""
+    answers = greedy_answers(model, tokenizer, prompts, answer_tokens, batch_size)
+    with applied:
+        return agreement(model, tokenizer, prompts, answers, batch_size)
+
+
+@torch.no_grad()
 def fit_scale(
     model,
     tokenizer,

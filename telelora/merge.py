@@ -17,7 +17,11 @@ model with the merge applied in memory, and lower the weights before the merge i
 
 Then, with ``repair_prompts`` > 0, the **repair** (``telelora.repair``): the input's own answers
 to shipped prompts are distilled back into the merged model through a LoRA per projection, and
-the written weights are the merge plus that change.
+the written weights are the merge plus that change. It is gated: only a merge whose guard
+reading (agreement with the input on the guard prompts) is at most ``repair_max_agreement`` is
+repaired. A merge that kept nearly all of the input's answers is a small change (a LoRA
+fine-tune's merge), and a low-rank repair of it can re-grow a low-rank Trojan; a merge that cost
+many answers (a full fine-tune's) is where the repair gains.
 
 The tries share one read of each reference (``telelora.reference.merge_trial``). Without a
 poisoned reference and with the guard off, no model is built: the merge is written tensor by
@@ -63,6 +67,7 @@ class Repair:
     """What the repair did: its examples, its steps' first and last loss, and the change it
     adds to the merge (not reported)."""
 
+    merge_agreement: float | None = None  # the gate's reading (None: not measured, the gate is 1)
     prompts: int = 0
     examples: int = 0
     steps: int = 0
@@ -151,9 +156,32 @@ def plan_merge(
             )
             weights = [w * plan.drift_guard.scale for w in weights]
         if sum(weights) > 0 and meta.repair_prompts > 0:
-            plan.repair = _repair(model, tokenizer, lambda: merged(weights), texts, meta)
+            reading = _gate_reading(model, tokenizer, lambda: merged(weights), texts, meta, plan.drift_guard)
+            if reading is not None and reading > meta.repair_max_agreement:
+                gate = meta.repair_max_agreement
+                why = f"the merge keeps {reading:.3f} of the input's answers > repair_max_agreement {gate}"
+                log.info("no repair: %s", why)
+                plan.repair = Repair(merge_agreement=reading, skipped=why)
+            else:
+                plan.repair = _repair(model, tokenizer, lambda: merged(weights), texts, meta)
+                plan.repair.merge_agreement = reading
     plan.weights = weights
     return plan
+
+
+def _gate_reading(
+    model, tokenizer, merged, texts: Texts, meta: Metaparameters, drift: guard.DriftGuard
+) -> float | None:
+    """The repair gate's reading of the merge at its kept weights: the drift guard's, or measured
+    alike where the guard is off; None where the gate is open to every merge (1)."""
+    if drift.applied:
+        return drift.agreement
+    if meta.repair_max_agreement >= 1:
+        return None
+    prompts = texts.alignment[: meta.guard_prompts]
+    return guard.agreement_with_input(
+        model, tokenizer, merged(), prompts, meta.guard_answer_tokens, meta.activation_batch_size
+    )
 
 
 def _repair(model, tokenizer, merged, texts: Texts, meta: Metaparameters) -> Repair:

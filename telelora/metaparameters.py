@@ -27,15 +27,16 @@ MITIGATE_ONLY = frozenset(
         "reference_weight", "reference_count", "reference_kinds", "base_models_dirpath", "trigger_check_prompts",
         "trigger_check_answer_tokens",
         "trigger_check_max_asr", "merge_min_agreement", "merge_from_depth", "guard_min_agreement", "guard_prompts",
-        "guard_answer_tokens", "guard_layer_factor", "repair_prompts", "repair_learning_rate", "repair_batch_size",
+        "guard_answer_tokens", "guard_layer_factor", "repair_prompts", "repair_max_agreement", "repair_learning_rate",
+        "repair_batch_size",
     }
 )  # fmt: skip
 
 # keys added after results were recorded, with the value that does what ran before they existed
 # (benches compare an older run's metaparameters as if it had held these)
-ADDED_LATER = {"merge_from_depth": 0.0, "repair_prompts": 0}
+ADDED_LATER = {"merge_from_depth": 0.0, "repair_prompts": 0, "repair_max_agreement": 1.0}
 # keys that do nothing while another key is at its off value: (key, off value) -> inert keys
-INERT_WHEN_OFF = {("repair_prompts", 0): ("repair_learning_rate", "repair_batch_size")}
+INERT_WHEN_OFF = {("repair_prompts", 0): ("repair_max_agreement", "repair_learning_rate", "repair_batch_size")}
 
 
 def meta_training_knobs(meta: Metaparameters) -> dict:
@@ -90,6 +91,7 @@ class Metaparameters:
     merge_min_agreement: float
     merge_from_depth: float
     repair_prompts: int
+    repair_max_agreement: float
     repair_learning_rate: float
     repair_batch_size: int
     seed: int

@@ -51,6 +51,7 @@ SMALL_META = {
     "merge_min_agreement": 0.0,
     "merge_from_depth": 0.0,
     "repair_prompts": 0,
+    "repair_max_agreement": 1.0,
     "repair_learning_rate": 0.001,
     "repair_batch_size": 2,
     "seed": 7,

@@ -80,10 +80,11 @@ def test_a_broken_schema_gets_one_line(tmp_path):
 def test_keys_that_do_nothing_while_their_switch_is_off_are_left_out_of_comparisons():
     from telelora.metaparameters import effective
 
-    off = {"repair_prompts": 0, "repair_learning_rate": 0.001, "repair_batch_size": 8, "rank": 16}
+    off = {"repair_prompts": 0, "repair_learning_rate": 0.001, "repair_batch_size": 8, "repair_max_agreement": 1.0,
+           "rank": 16}  # fmt: skip
     assert (
         effective(off)
-        == effective({**off, "repair_learning_rate": 0.1, "repair_batch_size": 2})
+        == effective({**off, "repair_learning_rate": 0.1, "repair_batch_size": 2, "repair_max_agreement": 0.9})
         == {"repair_prompts": 0, "rank": 16}
     )
     on = {**off, "repair_prompts": 256}

@@ -3,6 +3,7 @@ with its own distributions, the distillation moves the merged model back toward 
 written weights are the merge plus exactly the repair's change, and a repair that cannot run
 leaves the plain merge."""
 
+import contextlib
 import dataclasses
 import json
 
@@ -10,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from telelora import cli, merge, mitigate, modelio, reference, repair
+from telelora import cli, guard, merge, mitigate, modelio, reference, repair
 from telelora.alignment import collate, distill_loss
 from telelora.architectures import find_adapted_layers
 from telelora.chat import pad_id
@@ -136,3 +137,61 @@ def test_with_the_trigger_check_the_repair_runs_on_the_weights_the_check_kept(
     mine = load_file(str(model_dir / "model.safetensors"))["model.embed_tokens.weight"]
     theirs = load_file(str(poisoned_round / "models" / "id-1" / "model.safetensors"))["model.embed_tokens.weight"]
     assert torch.allclose(weights_seen[0], 0.75 * mine + 0.25 * theirs, atol=1e-6)
+
+
+def _plan_with_reading(tiny_models, poisoned_round, small_meta, learned_dir, monkeypatch, reading, **meta_overrides):
+    """The merge's plan with the gate's measured reading scripted to ``reading`` and the
+    distillation recorded (not run)."""
+    model_dir = tiny_models["llama"]
+    calls = {"distil": 0, "measured": 0}
+
+    def measured(*args, **kwargs):
+        calls["measured"] += 1
+        return reading
+
+    def recorded(*args, **kwargs):
+        calls["distil"] += 1
+        return repair.LowRankDelta(), [1.0]
+
+    monkeypatch.setattr(merge.guard, "agreement_with_input", measured)
+    monkeypatch.setattr(repair, "distil", recorded)
+    meta = dataclasses.replace(small_meta, reference_kinds=("clean",), repair_prompts=2, **meta_overrides)
+    refs = reference.find_references(poisoned_round, model_dir, 1, ("clean",))
+    plan = merge.plan_merge(model_dir, refs, meta, load_texts(learned_dir), lambda: _loaded(model_dir))
+    return plan, calls
+
+
+@pytest.mark.parametrize(("reading", "repaired"), [(0.95, False), (0.9, True), (0.85, True)])
+def test_the_gate_repairs_only_a_merge_that_cost_the_inputs_answers(
+    tiny_models, poisoned_round, small_meta, learned_dir, monkeypatch, reading, repaired
+):
+    plan, calls = _plan_with_reading(tiny_models, poisoned_round, small_meta, learned_dir, monkeypatch,
+                                     reading, repair_max_agreement=0.9)  # fmt: skip
+    assert plan.weights == [0.5] and plan.repair.merge_agreement == reading
+    assert calls == {"distil": int(repaired), "measured": 1}
+    if repaired:
+        assert plan.repair.skipped == "" and plan.repair.steps == 1
+    else:
+        assert "repair_max_agreement 0.9" in plan.repair.skipped and plan.repair.delta is None
+        assert plan.repair.report()["steps"] == 0
+
+
+def test_an_open_gate_measures_nothing(tiny_models, poisoned_round, small_meta, learned_dir, monkeypatch):
+    plan, calls = _plan_with_reading(tiny_models, poisoned_round, small_meta, learned_dir, monkeypatch, 0.99)
+    assert calls == {"distil": 1, "measured": 0} and plan.repair.merge_agreement is None
+
+
+def test_with_the_merge_guard_on_the_gate_reads_the_guards_agreement(
+    tiny_models, poisoned_round, small_meta, learned_dir, monkeypatch
+):
+    plan, calls = _plan_with_reading(tiny_models, poisoned_round, small_meta, learned_dir, monkeypatch,
+                                     0.0, repair_max_agreement=0.0, merge_min_agreement=0.01)  # fmt: skip
+    assert calls["measured"] == 0 and plan.drift_guard.applied
+    assert plan.repair.merge_agreement == plan.drift_guard.agreement > 0.0
+    assert calls["distil"] == 0 and "repair_max_agreement 0.0" in plan.repair.skipped
+
+
+def test_the_gates_reading_of_an_unchanged_model_is_full_agreement(tiny_models, learned_dir, small_meta):
+    model, tokenizer = _loaded(tiny_models["llama"])
+    prompts = load_texts(learned_dir).alignment[:3]
+    assert guard.agreement_with_input(model, tokenizer, contextlib.nullcontext(), prompts, 4, 2) == 1.0
