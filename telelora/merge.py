@@ -24,7 +24,7 @@ fine-tune's merge), and a low-rank repair of it can re-grow a low-rank Trojan; a
 many answers (a full fine-tune's) is where the repair gains.
 
 The tries share one read of each reference (``telelora.reference.merge_trial``). Without a
-poisoned reference and with the guard off, no model is built: the merge is written tensor by
+poisoned reference and with the guard and the repair off, no model is built: the merge is written tensor by
 tensor from disk. Every weight dropped: the caller runs the generators.
 """
 

@@ -191,7 +191,7 @@ def test_with_the_merge_guard_on_the_gate_reads_the_guards_agreement(
     assert calls["distil"] == 0 and "repair_max_agreement 0.0" in plan.repair.skipped
 
 
-def test_the_gates_reading_of_an_unchanged_model_is_full_agreement(tiny_models, learned_dir, small_meta):
+def test_the_gates_reading_of_an_unchanged_model_is_full_agreement(tiny_models, learned_dir):
     model, tokenizer = _loaded(tiny_models["llama"])
     prompts = load_texts(learned_dir).alignment[:3]
     assert guard.agreement_with_input(model, tokenizer, contextlib.nullcontext(), prompts, 4, 2) == 1.0
