@@ -27,7 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from telelora import guard, merge, metaparameters, modelio, reference, route  # noqa: E402
+from telelora import merge, metaparameters, modelio, reference, route  # noqa: E402
 from telelora.errors import TeleLoRAError  # noqa: E402
 from telelora.io_utils import atomic_write_text  # noqa: E402
 from telelora.texts import load as load_texts  # noqa: E402
@@ -59,14 +59,14 @@ def read_gate(model_dir: Path, round_dir: Path, meta: metaparameters.Metaparamet
     plan = merge.plan_merge(
         model_dir, list(chosen.references), dataclasses.replace(meta, repair_prompts=0), texts, load
     )
-    reading = plan.drift_guard.agreement  # the gate reads the guard's figure where the guard runs
-    if reading is None and plan.merges:  # else it measures the same figure itself
-        model, tokenizer = load()
-        merged = reference.merged_in(model, model_dir, *plan.kept(), plan.from_depth)
-        prompts = texts.alignment[: meta.guard_prompts]
-        reading = guard.agreement_with_input(
-            model, tokenizer, merged, prompts, meta.guard_answer_tokens, meta.activation_batch_size
-        )
+    reading = None
+    if plan.merges:  # the guard's figure where it ran, else the model is loaded and the merge measured alike
+        model, tokenizer = (None, None) if plan.drift_guard.applied else load()
+
+        def merged():
+            return reference.merged_in(model, model_dir, *plan.kept(), plan.from_depth)
+
+        reading = merge.gate_reading(model, tokenizer, merged, texts, meta, plan.drift_guard)
     return {
         **row,
         "references": [f"{r.kind} {r.path.name}" for r in chosen.references],
@@ -74,7 +74,7 @@ def read_gate(model_dir: Path, round_dir: Path, meta: metaparameters.Metaparamet
         "guard": dataclasses.asdict(plan.drift_guard),
         "trigger_checks": [dataclasses.asdict(c) for c in plan.trigger_checks],
         "reading": reading,
-        "repair": reading is not None and reading <= meta.repair_max_agreement,
+        "repair": reading is not None and merge.repairs(reading, meta),
         "seconds": round(time.time() - start, 1),
     }
 

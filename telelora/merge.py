@@ -156,8 +156,10 @@ def plan_merge(
             )
             weights = [w * plan.drift_guard.scale for w in weights]
         if sum(weights) > 0 and meta.repair_prompts > 0:
-            reading = _gate_reading(model, tokenizer, lambda: merged(weights), texts, meta, plan.drift_guard)
-            if reading is not None and reading > meta.repair_max_agreement:
+            reading = None  # an open gate without the guard's figure measures nothing
+            if meta.repair_max_agreement < 1 or plan.drift_guard.applied:
+                reading = gate_reading(model, tokenizer, lambda: merged(weights), texts, meta, plan.drift_guard)
+            if not repairs(reading, meta):
                 gate = meta.repair_max_agreement
                 why = f"the merge keeps {reading:.3f} of the input's answers > repair_max_agreement {gate}"
                 log.info("no repair: %s", why)
@@ -169,19 +171,20 @@ def plan_merge(
     return plan
 
 
-def _gate_reading(
-    model, tokenizer, merged, texts: Texts, meta: Metaparameters, drift: guard.DriftGuard
-) -> float | None:
-    """The repair gate's reading of the merge at its kept weights: the drift guard's, or measured
-    alike where the guard is off; None where the gate is open to every merge (1)."""
+def gate_reading(model, tokenizer, merged, texts: Texts, meta: Metaparameters, drift: guard.DriftGuard) -> float:
+    """The repair gate's reading of the merge at its kept weights (``merged()``: the context
+    where the model computes as it): the drift guard's where it ran, else measured alike."""
     if drift.applied:
         return drift.agreement
-    if meta.repair_max_agreement >= 1:
-        return None
     prompts = texts.alignment[: meta.guard_prompts]
     return guard.agreement_with_input(
         model, tokenizer, merged(), prompts, meta.guard_answer_tokens, meta.activation_batch_size
     )
+
+
+def repairs(reading: float | None, meta: Metaparameters) -> bool:
+    """Whether the gate lets the repair run on a merge read at ``reading`` (None: not read, open)."""
+    return reading is None or reading <= meta.repair_max_agreement
 
 
 def _repair(model, tokenizer, merged, texts: Texts, meta: Metaparameters) -> Repair:
