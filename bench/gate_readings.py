@@ -86,6 +86,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--learned_parameters", default=str(REPO / "learned_parameters"))
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
+    try:
+        run(args)
+    except TeleLoRAError as err:  # a bad pair, model folder, round or metaparameters: one line, what was read is kept
+        raise SystemExit(f"error: {err}") from None
+
+
+def run(args: argparse.Namespace) -> None:
     pairs = [parse_pair(p) for p in args.pairs]
     meta = metaparameters.load(args.metaparameters)
     texts = load_texts(args.learned_parameters)

@@ -14,6 +14,18 @@ W = 0.02  # a merge small enough that the tiny models keep most of their answers
 def test_a_bad_pair_is_one_clear_error():
     with pytest.raises(bench.TeleLoRAError, match="expected MODEL_DIR:ROUND_DIR"):
         bench.parse_pair("just-a-folder")
+    with pytest.raises(SystemExit, match="^error: .*expected MODEL_DIR:ROUND_DIR"):
+        bench.main(["--pairs", "just-a-folder", "--out", "unused.json"])
+
+
+def test_a_missing_model_folder_is_one_line_and_keeps_what_was_read(tmp_path, poisoned_round, learned_dir):
+    meta = write_meta(tmp_path / "meta.json", reference_kinds=["clean"], reference_weight=W)
+    out = tmp_path / "readings.json"
+    good = f"{poisoned_round / 'models' / 'id-1'}:{poisoned_round}"
+    with pytest.raises(SystemExit, match="^error: "):
+        bench.main(["--pairs", good, f"{tmp_path / 'missing'}:{poisoned_round}", "--metaparameters", str(meta),
+                    "--learned_parameters", str(learned_dir), "--out", str(out)])  # fmt: skip
+    assert [r["route"] for r in json.loads(out.read_text())["rows"]] == ["reference_merge"]
 
 
 @pytest.mark.parametrize("guard_bound", [0.0, 0.01])
