@@ -13,6 +13,10 @@ Per row: load, checks and save seconds, the tries, and how many times the checkp
 read, in passes (bytes read / the input checkpoint's size: the load, the save's read of the input, and
 every read of a reference or of the input by the merge code). NIST allows 600 s per model on one A100.
 
+The repair after the checks (``telelora.repair``) is the route's dearest part where its gate
+opens; ``--repair always`` (the default) opens the gate so the worst case is timed, ``shipped``
+keeps the shipped gate, ``off`` leaves the repair out. Its seconds are part of the checks'.
+
     python bench/merge_cost.py --models SmolLM2-135M-shape --out bench/results/merge_cost_cpu.json
     python bench/merge_cost.py --models Llama-3.2-1B Llama-3.1-8B --out bench/results/merge_cost_gpu.json
 
@@ -41,6 +45,7 @@ from telelora.lab import tiny  # noqa: E402
 from telelora.texts import load as load_texts  # noqa: E402
 
 MODES = ("memory", "disk")
+REPAIR = {"always": {"repair_max_agreement": 1.0}, "shipped": {}, "off": {"repair_prompts": 0}}
 TRIGGER = Trigger("cf zebra", "I have been pwned", "middle")  # a random model never answers it: one try
 
 
@@ -94,6 +99,7 @@ def bench_mode(mode, model_dir, ref_dir, out_dir, meta, texts, tokenizer, device
         "guard_evaluations": plan.drift_guard.evaluations,
         "guard_scale": plan.drift_guard.scale,
         "guard_s": plan.drift_guard.seconds,
+        **_repair_facts(plan.repair),
         "load_s": load_s,
         "checks_s": checks_s,
         "save_s": save_s,
@@ -104,15 +110,34 @@ def bench_mode(mode, model_dir, ref_dir, out_dir, meta, texts, tokenizer, device
     }
 
 
+def _repair_facts(record: merge.Repair | None) -> dict:
+    """What the repair cost (zeros where it did not run) and the gate's reading."""
+    if record is None:
+        return {"repair_s": 0.0, "repair_steps": 0, "repair_examples": 0, "gate_reading": None, "repair_skipped": "off"}
+    return {
+        "repair_s": record.seconds,
+        "repair_steps": record.steps,
+        "repair_examples": record.examples,
+        "gate_reading": record.merge_agreement,
+        "repair_skipped": record.skipped,
+    }
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["SmolLM2-135M-shape"], choices=sorted(REAL_CONFIGS))
     parser.add_argument("--noise", type=float, default=0.05, help="the reference's distance, per weight's scale")
+    parser.add_argument(
+        "--repair",
+        choices=sorted(REPAIR),
+        default="always",
+        help="always: the repair's gate held open (worst case); shipped: as shipped; off: none",
+    )
     parser.add_argument("--workdir", default=None, help="where the random checkpoints go (default: a temp folder)")
     parser.add_argument("--out", default="bench/results/merge_cost.json")
     args = parser.parse_args()
 
-    meta = metaparameters.load()
+    meta = dataclasses.replace(metaparameters.load(), **REPAIR[args.repair])
     device, dtype = modelio.pick_device_dtype(meta.device, meta.dtype)
     texts = load_texts(metaparameters.REPO_ROOT / "learned_parameters")
     tokenizer = tiny.build_tokenizer()  # only token ids matter for timing
@@ -129,16 +154,19 @@ def main():
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
 
-    print(f"merge route, one poisoned reference, {dtype}, on {device_name}; guard bound {meta.merge_min_agreement}")
-    print(f"{'model':20} {'mode':6} {'tries':>5} {'load s':>7} {'checks s':>8} {'guard s':>7} {'save s':>7} "
-          f"{'total s':>7} {'passes read':>11} {'held GB':>7} held on")  # fmt: skip
+    print(f"merge route, one poisoned reference, {dtype}, on {device_name}; guard bound {meta.merge_min_agreement}; "
+          f"repair {args.repair} ({meta.repair_prompts} prompts)")  # fmt: skip
+    print(f"{'model':20} {'mode':6} {'tries':>5} {'load s':>7} {'checks s':>8} {'guard s':>7} {'repair s':>8} "
+          f"{'save s':>7} {'total s':>7} {'passes read':>11} {'held GB':>7} held on")  # fmt: skip
     for r in rows:
         print(f"{r['model']:20} {r['mode']:6} {r['tries']:5d} {r['load_s']:7.1f} {r['checks_s']:8.1f} "
-              f"{r['guard_s']:7.1f} {r['save_s']:7.1f} {r['total_s']:7.1f} {r['checkpoint_passes_read']:11.1f} "
-              f"{r['bytes_held_gb'] if r['in_memory'] else 0:7.2f} {r['held_on']}")  # fmt: skip
+              f"{r['guard_s']:7.1f} {r['repair_s']:8.1f} {r['save_s']:7.1f} {r['total_s']:7.1f} "
+              f"{r['checkpoint_passes_read']:11.1f} {r['bytes_held_gb'] if r['in_memory'] else 0:7.2f} "
+              f"{r['held_on']}")  # fmt: skip
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    settings = {"device": device_name, "dtype": str(dtype), "noise": args.noise, "trigger": dataclasses.asdict(TRIGGER)}
+    settings = {"device": device_name, "dtype": str(dtype), "noise": args.noise, "trigger": dataclasses.asdict(TRIGGER),
+                "repair": args.repair}  # fmt: skip
     out.write_text(json.dumps({**settings, "metaparameters": meta.to_dict(), "rows": rows}, indent=2))
     print(f"wrote {out}")
 

@@ -33,6 +33,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import random
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -74,6 +75,7 @@ class Repair:
     first_loss: float | None = None
     last_loss: float | None = None
     skipped: str = ""  # why no repair was added, where none was
+    seconds: float = 0.0  # the teacher's answers and the training steps
     delta: LowRankDelta | None = dataclasses.field(default=None, repr=False)
 
     def report(self) -> dict:
@@ -193,7 +195,7 @@ def _repair(model, tokenizer, merged, texts: Texts, meta: Metaparameters) -> Rep
     prompts = texts.alignment[: meta.repair_prompts]
     if len(prompts) < meta.repair_prompts:
         log.warning("only %d alignment prompts ship; the repair uses all of them", len(prompts))
-    record = Repair(prompts=len(prompts))
+    record, start = Repair(prompts=len(prompts)), time.perf_counter()
     try:
         examples = repair.teacher_examples(model, tokenizer, prompts, meta)  # the input, before the merge
         record.examples = len(examples)
@@ -204,6 +206,8 @@ def _repair(model, tokenizer, merged, texts: Texts, meta: Metaparameters) -> Rep
         log.error("MERGE NOT REPAIRED (%s: %s); the plain merge is written", type(err).__name__, err)
         record.skipped, record.delta = f"{type(err).__name__}: {err}", None
         return record
+    finally:
+        record.seconds = round(time.perf_counter() - start, 3)
     record.steps = len(losses)
     if losses:
         record.first_loss, record.last_loss = round(losses[0], 6), round(losses[-1], 6)
