@@ -18,7 +18,7 @@ opens; ``--repair always`` (the default) opens the gate so the worst case is tim
 keeps the shipped gate, ``off`` leaves the repair out. Its seconds are part of the checks'.
 
     python bench/merge_cost.py --models SmolLM2-135M-shape --out bench/results/merge_cost_cpu.json
-    python bench/merge_cost.py --models Llama-3.2-1B Llama-3.1-8B --out bench/results/merge_cost_gpu.json
+    python bench/merge_cost.py --models Llama-3.1-8B --modes memory --out bench/results/merge_cost_gpu.json
 
 Prints a table and writes JSON.
 """
@@ -126,6 +126,13 @@ def _repair_facts(record: merge.Repair | None) -> dict:
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["SmolLM2-135M-shape"], choices=sorted(REAL_CONFIGS))
+    parser.add_argument(
+        "--modes",
+        nargs="+",
+        choices=MODES,
+        default=list(MODES),
+        help="memory: what ships; disk: its fallback (~20 passes: slow at 8B)",
+    )
     parser.add_argument("--noise", type=float, default=0.05, help="the reference's distance, per weight's scale")
     parser.add_argument(
         "--repair",
@@ -147,7 +154,7 @@ def main():
         for name in args.models:
             root = Path(work) / name
             model_dir, ref_dir = _save_pair(name, root, dtype, args.noise, meta.seed)
-            for mode in MODES:
+            for mode in args.modes:
                 out_dir = root / f"out-{mode}"
                 row = bench_mode(mode, model_dir, ref_dir, out_dir, meta, texts, tokenizer, device, dtype)
                 rows.append({"model": name, **row})
