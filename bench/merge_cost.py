@@ -41,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.real_configs import REAL_CONFIGS, build_random  # noqa: E402
 from telelora import merge, metaparameters, modelio, reference  # noqa: E402
 from telelora.alignment import Trigger  # noqa: E402
+from telelora.io_utils import atomic_write_text  # noqa: E402
 from telelora.lab import tiny  # noqa: E402
 from telelora.texts import load as load_texts  # noqa: E402
 
@@ -171,10 +172,9 @@ def main():
               f"{r['checkpoint_passes_read']:11.1f} {r['bytes_held_gb'] if r['in_memory'] else 0:7.2f} "
               f"{r['held_on']}")  # fmt: skip
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     settings = {"device": device_name, "dtype": str(dtype), "noise": args.noise, "trigger": dataclasses.asdict(TRIGGER),
                 "repair": args.repair}  # fmt: skip
-    out.write_text(json.dumps({**settings, "metaparameters": meta.to_dict(), "rows": rows}, indent=2))
+    atomic_write_text(out, json.dumps({**settings, "metaparameters": meta.to_dict(), "rows": rows}, indent=2))
     print(f"wrote {out}")
 
 
