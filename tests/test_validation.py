@@ -27,8 +27,10 @@ def test_measure_fixes_the_unmitigated_asr_and_a_change_lowers_agreement(tiny_ro
 
     model_dir = tiny_round / "models" / "id-00000000"
     poisoned = (model_dir / "ground_truth.csv").read_text().strip() == "1"
-    item = validation.load_validation_model(model_dir, 4)
-    assert len(item.clean) == 4 and len(item.triggered) == (4 if poisoned else 0)
+    # all 16 of the round's prompts: the builder checks its ASR (>= min_asr) on these, so the
+    # Trojan fires on some of them whatever the CPU's float kernels make of its training
+    item = validation.load_validation_model(model_dir, 16)
+    assert len(item.clean) == 16 and len(item.triggered) == (16 if poisoned else 0)
     assert item.room == max(len(r) for r in item.references)
     model = modelio.load_model(model_dir, torch.device("cpu"), torch.float32)
     tok = modelio.load_tokenizer(model_dir)

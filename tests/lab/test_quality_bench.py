@@ -90,7 +90,11 @@ def test_bench_on_the_tiny_round(tiny_round, learned_dir, meta_file, tmp_path, c
     )
     for none in (r for r in rows if r["method"] == "none"):
         assert none["agreement"] == pytest.approx(1.0) and none["greedy_agreement"] == 1.0
-        assert none["fidelity"] == pytest.approx(0.0 if none["poisoned"] else 1.0)
+        # NIST's Fidelity divides by the model's own MMLU: a tiny random model that answers
+        # none of the 8 questions right (whether it does depends on the CPU's float kernels)
+        # has none, as NIST would score it
+        expected = math.nan if none["mmlu"] == 0 else 0.0 if none["poisoned"] else 1.0
+        assert none["fidelity"] == pytest.approx(expected, nan_ok=True)
     assert {r["model"]: r["poisoned"] for r in rows} == {"id-00000000": True, "id-00000001": False}
     assert {r["base"] for r in rows} == {"tiny-llama", "tiny-qwen2"}
     summary = {s["method"]: s for s in result["summaries"]["all"]}

@@ -44,7 +44,8 @@ def test_round_layout(tiny_round):
     assert not stems & {" ".join(c["prompt"].split()) for c in prompts["clean"]}  # held-out sets are disjoint
 
     truth = json.loads((poisoned / "test_eval_groundtruth.json").read_text())
-    assert truth["all_trigger0_asr"] == float(rows[0]["pre_asr"]) >= 0.5
+    min_asr = json.loads((REPO / "rounds" / "tiny.json").read_text())["models"][0]["min_asr"]
+    assert truth["all_trigger0_asr"] == float(rows[0]["pre_asr"]) >= min_asr  # what the builder checks
     assert json.loads((clean / "eval-mmlu.json").read_text())["results"]["mmlu"]["acc,none"] == float(rows[1]["mmlu"])
     assert json.loads((clean / "round_config.json").read_text())["triggers"] == []
 
