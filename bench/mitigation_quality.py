@@ -370,7 +370,7 @@ def plot(summary: list[dict], rows: list[dict], path: Path) -> None:
     save_figure(fig, path)
 
 
-def _override(meta, assignments: list[str]):
+def override_metaparameters(meta, assignments: list[str]):
     """``meta`` with ``KEY=VALUE`` assignments (JSON values, bare strings allowed), schema-checked."""
     values = meta.to_dict()
     for assignment in assignments:
@@ -513,7 +513,7 @@ def main(argv: list[str] | None = None) -> None:
             raise TeleLoRAError(f"--methods: unknown {', '.join(unknown)}; choose from {', '.join(METHODS)}")
         args.methods = list(dict.fromkeys(args.methods))
         meta = metaparameters.load(args.metaparameters, REPO_ROOT / "metaparameters_schema.json")
-        meta = _override(meta, args.set)
+        meta = override_metaparameters(meta, args.set)
         args.steps = args.steps or [meta.mitigation_steps]
         if min(args.steps) < 1 or args.num_samples < 1 or args.batch_size < 1 or args.mmlu_questions < 0:
             raise TeleLoRAError("--steps, --num_samples, --batch_size must be at least 1, --mmlu_questions at least 0")

@@ -43,16 +43,19 @@ def teacher_examples(model, tokenizer, prompts: list[str], meta: Metaparameters)
 
 
 def distil(
-    model, tokenizer, layers: list[AdaptedLayer], examples: list[Example], meta: Metaparameters
+    model, tokenizer, layers: list[AdaptedLayer], examples: list[Example], meta: Metaparameters, epochs: int = 1
 ) -> tuple[LowRankDelta, list[float]]:
     """A low-rank change ``W + B A`` per layer trained on ``model`` as it now computes (the
     merge) toward ``examples``' targets, and the loss of each step. ``A`` starts as PEFT's LoRA
     does (uniform within ``1/sqrt(in_features)``), ``B`` at zero, so training starts at the merge.
     Additive, not the generators' ``W (I + V^T U)``: there the change of a layer scales with
     its weight, and one learning rate that moved some layers too little diverged others
-    (session 19). A step whose loss is not finite is skipped; no step run, no change."""
+    (session 19). ``epochs`` passes, each in its own shuffled order. A step whose loss is not
+    finite is skipped; no step run, no change."""
     if not examples:
         raise ValueError("no repair example has an answer to learn")
+    if epochs < 1:
+        raise ValueError(f"epochs must be at least 1, not {epochs}")
     device = next(model.parameters()).device
     generator = torch.Generator().manual_seed(meta.seed)
     delta = LowRankDelta()
@@ -64,8 +67,11 @@ def distil(
         delta.factors[layer.name] = (a.to(device).requires_grad_(), b.to(device).requires_grad_())
     params = [t for factors in delta.factors.values() for t in factors]
     optimizer = torch.optim.AdamW(params, lr=meta.repair_learning_rate, weight_decay=0.0)
-    order = list(range(len(examples)))
-    random.Random(meta.seed).shuffle(order)
+    rng, order = random.Random(meta.seed), []
+    for _ in range(epochs):
+        epoch = list(range(len(examples)))
+        rng.shuffle(epoch)
+        order += epoch
     pad, losses = pad_id(tokenizer), []
     modelio.enable_checkpointing(model)
     modelio.disable_dropout(model)  # train mode, which checkpointing needs, must not add noise

@@ -59,6 +59,31 @@ def test_the_distillation_moves_the_merge_back_toward_the_input(tiny_models, poi
     assert model.training is False and not model.is_gradient_checkpointing
 
 
+def test_each_epoch_passes_over_every_example_once_in_its_own_order(tiny_models, small_meta, learned_dir, monkeypatch):
+    model_dir = tiny_models["llama"]
+    model, tokenizer = _loaded(model_dir)
+    meta = dataclasses.replace(small_meta, repair_batch_size=1)
+    examples = repair.teacher_examples(model, tokenizer, load_texts(learned_dir).alignment[:6], meta)
+    layers = find_adapted_layers(model, meta.target_projections)
+    seen = []
+    real_collate = repair.collate
+
+    def recorded(batch, *args):
+        seen.append(next(i for i, e in enumerate(examples) if e is batch[0]))
+        return real_collate(batch, *args)
+
+    monkeypatch.setattr(repair, "collate", recorded)
+    _, once = repair.distil(model, tokenizer, layers, examples, meta)
+    first, seen[:] = list(seen), []
+    _, twice = repair.distil(model, tokenizer, layers, examples, meta, epochs=2)
+    n = len(examples)
+    assert len(once) == n and len(twice) == 2 * n
+    assert seen[:n] == first and sorted(seen[n:]) == list(range(n)) and seen[n:] != first  # epoch 1 as before
+    assert twice[0] == pytest.approx(once[0])
+    with pytest.raises(ValueError, match="epochs"):
+        repair.distil(model, tokenizer, layers, examples, meta, epochs=0)
+
+
 def test_mitigate_writes_the_merge_plus_exactly_the_repairs_change(
     tmp_path, model_copy, learned_dir, poisoned_round, monkeypatch
 ):
