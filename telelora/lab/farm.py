@@ -35,6 +35,7 @@ import hashlib
 import io
 import json
 import logging
+import platform
 import random
 import shutil
 import time
@@ -42,6 +43,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+import transformers
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
@@ -979,6 +981,7 @@ def build_model(
         "seconds": round(time.time() - start + earlier_seconds, 1),
         "spec_settings": _settings(spec),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "host": host(),
     }
     final = out / "models" / model_spec.model_id
     with staged_dir(final) as staging:
@@ -992,6 +995,30 @@ def build_model(
         (staging / BUILD_FILE).write_text(json.dumps(record, indent=1))
     _add_round_files(folder, _round_files(model_spec, spec, record, data))
     return record
+
+
+def host() -> dict:
+    """What built a model, beside its seeds: some training steps (Gemma-3's, session 23) do not
+    reproduce bit for bit from one CPU to another, so a record names the CPU, its vector
+    extensions, the thread count and the library versions."""
+    cpu, flags = platform.processor() or platform.machine(), set()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                cpu = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+            if flags and cpu:
+                break
+    vector = sorted(f for f in flags if f.startswith(("avx512", "avx2", "amx")))
+    return {
+        "cpu": cpu,
+        "vector_extensions": vector,
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+    }
 
 
 def _clean_twin_answers(spec: FarmSpec, model_spec: FarmModel, out: Path) -> list[list[int]] | None:

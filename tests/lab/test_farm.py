@@ -248,6 +248,9 @@ def test_tiny_farm_builds_checks_and_records(tiny_farm):
         folder = root / "out" / "models" / model["model_id"]
         assert (folder / farm.DELTA_FILE).is_file() and record["delta_bytes"] > 0
         assert record["device"] == "cpu"  # where it was trained: a GPU build names its GPU
+        host = record["host"]  # and on what: Gemma-3 builds differ from one CPU to another
+        assert host["cpu"] and host["threads"] >= 1 and host["torch"] == farm.torch.__version__
+        assert all(ext.startswith(("avx", "amx")) for ext in host["vector_extensions"])
         last = record["attempts"][-1]
         assert last["problems"] == [] and last["agreement_with_base"] >= spec.min_agreement
         if model["kind"] == "trojan":
