@@ -6,10 +6,11 @@ gives back 4-11 points of agreement and leaves clean models at 0.84-0.90 of the 
 (docs/benches.md), short of the 0.90 the issue asks. This bench plans the merge of each model as
 ``mitigate`` does (route, trigger check, drift guard; the repair left out), reads the input's
 teacher answers once for the largest prompt count asked, then trains each variant's repair
-from the same merge and measures ASR, false triggers and agreement with the input on the
-model's round prompts (``test-example-data/prompts.json``), the merge alone beside it. A
-variant is ``PROMPTSxEPOCHS``: the first PROMPTS shipped alignment prompts, EPOCHS passes
-(``0x0``: the merge alone). Everything else is the metaparameters' (``--set`` overrides).
+from the same merge, whatever the gate (``repair_max_agreement``) would say, and measures ASR,
+false triggers and agreement with the input on the model's round prompts
+(``test-example-data/prompts.json``), the merge alone beside it. A variant is
+``PROMPTSxEPOCHS``: the first PROMPTS shipped alignment prompts, EPOCHS passes (``0x0``: the
+merge alone). Everything else is the metaparameters' (``--set`` overrides).
 
     OMP_NUM_THREADS=1 python bench/repair_budget.py --pairs ~/ffv18/models/id-00000018:~/ffref \\
         --variants 0x0 256x1 256x3 1024x1 --num_samples 40 --out bench/results/repair_budget_validation.json
