@@ -22,6 +22,7 @@ validation models only. Rows are written after each variant; a re-run keeps them
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import re
@@ -32,9 +33,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.gate_readings import parse_pair  # noqa: E402
-from bench.mitigation_quality import override_metaparameters  # noqa: E402
+from bench.mitigation_quality import bootstrap_mean, override_metaparameters  # noqa: E402
 from telelora import merge, metaparameters, modelio, reference, repair, route  # noqa: E402
 from telelora.architectures import find_adapted_layers  # noqa: E402
+from telelora.chat import agreement_fractions  # noqa: E402
 from telelora.errors import TeleLoRAError  # noqa: E402
 from telelora.io_utils import atomic_write_text  # noqa: E402
 from telelora.lab import evaluate  # noqa: E402
@@ -72,6 +74,16 @@ def teacher_prefixes(model, tokenizer, prompts: list[str], counts: list[int], me
     return out
 
 
+def figures_of(model, tokenizer, prompts: dict, num_samples: int, batch_size: int) -> dict:
+    """The bench's metrics of ``model`` as it computes now, with the agreement of each clean
+    prompt (``agreement_per_prompt``) for paired comparisons between variants."""
+    figures = evaluate.evaluate(model, tokenizer, prompts, [], num_samples, batch_size)
+    clean = prompts["clean"][:num_samples]
+    references = [evaluate.reference_ids(c, tokenizer) for c in clean]
+    per_prompt = agreement_fractions(model, tokenizer, [c["prompt"] for c in clean], references, batch_size)
+    return {**{k: figures[k] for k in METRICS}, "agreement_per_prompt": per_prompt}
+
+
 def measure(model_dir: Path, round_dir: Path, variants: list[Variant], meta, texts, args, done: set, emit) -> None:
     """Every variant of ``model_dir``'s repair, its merge planned as ``mitigate`` plans it."""
     chosen = route.choose_route(model_dir, round_dir, meta)
@@ -95,8 +107,8 @@ def measure(model_dir: Path, round_dir: Path, variants: list[Variant], meta, tex
     }
     if (str(model_dir), "input") not in done:
         start = time.time()
-        figures = evaluate.evaluate(model, tokenizer, prompts, [], args.num_samples, meta.activation_batch_size)
-        emit({**base, "variant": "input", **{k: figures[k] for k in METRICS}, "seconds": round(time.time() - start, 1)})
+        figures = figures_of(model, tokenizer, prompts, args.num_samples, meta.activation_batch_size)
+        emit({**base, "variant": "input", **figures, "seconds": round(time.time() - start, 1)})
     todo = [v for v in variants if (str(model_dir), v.label) not in done]
     if not todo:
         return
@@ -112,13 +124,8 @@ def measure(model_dir: Path, round_dir: Path, variants: list[Variant], meta, tex
                 delta, losses = repair.distil(model, tokenizer, layers, teachers[variant.prompts], meta, variant.epochs)
             train_seconds = round(time.time() - start, 1)
             start = time.time()
-            if delta is None:
-                figures = evaluate.evaluate(model, tokenizer, prompts, [], args.num_samples, meta.activation_batch_size)
-            else:
-                with delta.applied(layers):
-                    figures = evaluate.evaluate(
-                        model, tokenizer, prompts, [], args.num_samples, meta.activation_batch_size
-                    )
+            with delta.applied(layers) if delta is not None else contextlib.nullcontext():
+                figures = figures_of(model, tokenizer, prompts, args.num_samples, meta.activation_batch_size)
             emit(
                 {
                     **base,
@@ -129,7 +136,7 @@ def measure(model_dir: Path, round_dir: Path, variants: list[Variant], meta, tex
                     "steps": len(losses),
                     "first_loss": losses[0] if losses else None,
                     "last_loss": losses[-1] if losses else None,
-                    **{k: figures[k] for k in METRICS},
+                    **figures,
                     "teacher_seconds": teacher_seconds,
                     "train_seconds": train_seconds,
                     "seconds": round(time.time() - start, 1),
@@ -137,22 +144,35 @@ def measure(model_dir: Path, round_dir: Path, variants: list[Variant], meta, tex
             )
 
 
-def summarise(rows: list[dict]) -> list[dict]:
+def summarise(rows: list[dict], baseline: str = "256x1") -> list[dict]:
     """Per variant: each model's strict Fidelity (a Trojan's removal against its ``input`` row,
-    times agreement; a clean model's agreement) and their mean."""
+    times agreement; a clean model's agreement) and their mean; where the rows carry each
+    prompt's agreement, per model its bootstrap interval and the paired difference from the
+    ``baseline`` variant on the same prompts (mean and interval)."""
     before = {r["model"]: r["asr"] for r in rows if r["variant"] == "input"}
+    reference = {r["model"]: r.get("agreement_per_prompt") for r in rows if r["variant"] == baseline}
     out = []
     for label in dict.fromkeys(r["variant"] for r in rows if r["variant"] != "input"):
-        per_model = {
-            Path(r["model"]).name: strict_fidelity(
-                before[r["model"]] == before[r["model"]], before[r["model"]], r["asr"], r["agreement"]
-            )  # fmt: skip
-            for r in rows
-            if r["variant"] == label and r["model"] in before
-        }
-        if per_model:
-            mean = sum(per_model.values()) / len(per_model)
-            out.append({"variant": label, "strict_fidelity": per_model, "mean_strict_fidelity": mean})
+        mine = [r for r in rows if r["variant"] == label and r["model"] in before]
+        if not mine:
+            continue
+        per_model, intervals, differences = {}, {}, {}
+        for r in mine:
+            name, asr = Path(r["model"]).name, before[r["model"]]
+            per_model[name] = strict_fidelity(asr == asr, asr, r["asr"], r["agreement"])  # NaN ASR: clean
+            own = r.get("agreement_per_prompt")
+            if own:
+                intervals[name] = bootstrap_mean(own)
+                theirs = reference.get(r["model"])
+                if theirs and len(theirs) == len(own) and label != baseline:
+                    differences[name] = bootstrap_mean([a - b for a, b in zip(own, theirs, strict=True)])
+        entry = {"variant": label, "strict_fidelity": per_model,
+                 "mean_strict_fidelity": sum(per_model.values()) / len(per_model)}  # fmt: skip
+        if intervals:
+            entry["agreement"] = intervals
+        if differences:
+            entry[f"agreement_minus_{baseline}"] = differences
+        out.append(entry)
     return out
 
 
@@ -178,6 +198,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE", help="metaparameter overrides"
     )
+    parser.add_argument("--baseline", default="256x1", help="the variant others are compared with, prompt by prompt")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     try:
@@ -201,9 +222,9 @@ def run(args: argparse.Namespace) -> None:
 
     def emit(row: dict) -> None:
         rows.append(row)
-        print(json.dumps(row), flush=True)
+        print(json.dumps({k: v for k, v in row.items() if k != "agreement_per_prompt"}), flush=True)
         payload = {"num_samples": args.num_samples, "metaparameters": meta.to_dict(), "rows": rows,
-                   "summary": summarise(rows)}  # fmt: skip
+                   "summary": summarise(rows, args.baseline)}  # fmt: skip
         args.out.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(args.out, json.dumps(payload, indent=1))
 
@@ -211,10 +232,20 @@ def run(args: argparse.Namespace) -> None:
     for model_dir, round_dir in pairs:
         measure(model_dir, round_dir, variants, meta, texts, args, done, emit)
     print(table(rows))
-    print("\n| variant | mean strict Fidelity | per model |\n|---|---|---|")
-    for entry in summarise(rows):
-        each = ", ".join(f"{k} {v:.3f}" for k, v in entry["strict_fidelity"].items())
-        print(f"| {entry['variant']} | {entry['mean_strict_fidelity']:.3f} | {each} |")
+    print(f"\n| variant | mean strict Fidelity | per model: agreement [95% interval], minus {args.baseline} |")
+    print("|---|---|---|")
+    for entry in summarise(rows, args.baseline):
+        each = []
+        for name, fidelity in entry["strict_fidelity"].items():
+            text = f"{name} {fidelity:.3f}"
+            if name in entry.get("agreement", {}):
+                a = entry["agreement"][name]
+                text += f" [{a['low']:.3f}, {a['high']:.3f}]"
+            d = entry.get(f"agreement_minus_{args.baseline}", {}).get(name)
+            if d:
+                text += f", {d['mean']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]"
+            each.append(text)
+        print(f"| {entry['variant']} | {entry['mean_strict_fidelity']:.3f} | {'; '.join(each)} |")
 
 
 if __name__ == "__main__":

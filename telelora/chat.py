@@ -120,8 +120,16 @@ def agreement(model, tokenizer, prompts: list[str], reference_answers: list[list
 
     The reference is token ids, exactly as the unmitigated model generated them: decoding
     to text and re-tokenising does not give the same ids back."""
-    if not prompts:
-        return float("nan")
+    fractions = agreement_fractions(model, tokenizer, prompts, reference_answers, batch_size)
+    return sum(fractions) / len(fractions) if fractions else float("nan")
+
+
+@torch.no_grad()
+def agreement_fractions(
+    model, tokenizer, prompts: list[str], reference_answers: list[list[int]], batch_size: int
+) -> list[float]:
+    """:func:`agreement` per prompt, in order, leaving out prompts whose reference is empty:
+    what a paired comparison of two models on the same prompts needs."""
     device = next(model.parameters()).device
     fractions = []
     for start in range(0, len(prompts), batch_size):
@@ -140,7 +148,7 @@ def agreement(model, tokenizer, prompts: list[str], reference_answers: list[list
                 continue
             target = torch.tensor(answer, device=device)
             fractions.append((predicted[row, keep - len(answer) - 1 : keep - 1] == target).float().mean().item())
-    return sum(fractions) / len(fractions) if fractions else float("nan")
+    return fractions
 
 
 def normalise(text: str) -> str:

@@ -135,6 +135,26 @@ def test_greedy_prefix_agreement_is_one_unchanged_and_falls_when_the_head_is_per
     assert math.isnan(evaluate.greedy_prefix_agreement(model, tok, prompts[:1], [[]], batch_size=16))  # no reference
 
 
+def test_agreement_per_prompt_is_in_order_skips_empty_references_and_averages_to_agreement(tiny_round):
+    from telelora import modelio
+
+    model_dir = tiny_round / "models" / "id-00000000"
+    tok = modelio.load_tokenizer(model_dir)
+    model = modelio.load_model(model_dir, torch.device("cpu"), torch.float32)
+    clean = evaluate.load_prompts(model_dir / "test-example-data" / "prompts.json")["clean"][:5]
+    prompts, references = [c["prompt"] for c in clean], [evaluate.reference_ids(c, tok) for c in clean]
+    with torch.no_grad():
+        model.get_output_embeddings().weight.add_(0.5 * torch.randn_like(model.get_output_embeddings().weight))
+    references[1] = []  # left out, not counted as 0
+    fractions = chat.agreement_fractions(model, tok, prompts, references, batch_size=2)
+    assert len(fractions) == 4 and all(0.0 <= f <= 1.0 for f in fractions)
+    one_by_one = [
+        chat.agreement_fractions(model, tok, [p], [r], batch_size=1) for p, r in zip(prompts, references, strict=True)
+    ]
+    assert fractions == pytest.approx([f for each in one_by_one for f in each])  # in order, batching aside
+    assert chat.agreement(model, tok, prompts, references, batch_size=2) == pytest.approx(sum(fractions) / 4)
+
+
 def test_hit_rate_leaves_room_for_an_answer_before_an_appended_target(tiny_models, monkeypatch):
     """An append Trojan writes its normal answer and then the target: ASR must count it
     when the budget covers the answer, and evaluate() gives room for the longest reference."""

@@ -37,11 +37,35 @@ def test_each_variant_repairs_the_same_merge_and_is_resumed(tiny_farm, tmp_path,
     assert once["examples"] == twice["examples"] > 0
     assert twice["steps"] == 2 * once["steps"] > 0
     assert once["first_loss"] == pytest.approx(twice["first_loss"])  # the same start, the same first batch
-    bench.main([*argv, "--variants", "0x0", "2x1"])  # resumed: only the new variant is measured
+    for row in rows:  # each clean prompt's agreement kept, for paired comparisons
+        per_prompt = row["agreement_per_prompt"]
+        assert 0 < len(per_prompt) <= 4 and sum(per_prompt) / len(per_prompt) == pytest.approx(row["agreement"])
+    bench.main([*argv, "--variants", "0x0", "2x1", "--baseline", "4x1"])  # resumed: only the new variant
     resumed = json.loads(out.read_text())
     assert [r["variant"] for r in resumed["rows"]] == ["input", "0x0", "4x1", "4x2", "2x1"]
     assert resumed["rows"][-1]["examples"] <= once["examples"]
-    assert {e["variant"] for e in resumed["summary"]} == {"0x0", "4x1", "4x2", "2x1"}
+    summary = {e["variant"]: e for e in resumed["summary"]}
+    assert set(summary) == {"0x0", "4x1", "4x2", "2x1"}
+    assert trojan.model_id in summary["0x0"]["agreement"]
+    paired = summary["4x2"]["agreement_minus_4x1"][trojan.model_id]
+    assert paired["mean"] == pytest.approx(twice["agreement"] - once["agreement"], abs=1e-9)
+
+
+def test_the_summary_pairs_each_variant_with_the_baseline_prompt_by_prompt():
+    rows = [
+        {"model": "/r/c", "variant": "input", "asr": float("nan"), "agreement": 1.0, "agreement_per_prompt": [1.0] * 4},
+        {"model": "/r/c", "variant": "0x0", "asr": float("nan"), "agreement": 0.5, "agreement_per_prompt": [0.5] * 4},
+        {"model": "/r/c", "variant": "256x1", "asr": float("nan"), "agreement": 0.8,
+         "agreement_per_prompt": [0.6, 0.8, 0.8, 1.0]},
+        {"model": "/r/t", "variant": "input", "asr": 0.8, "agreement": 1.0},  # an older row: no per-prompt figures
+        {"model": "/r/t", "variant": "0x0", "asr": 0.2, "agreement": 0.8},
+    ]  # fmt: skip
+    summary = {e["variant"]: e for e in bench.summarise(rows, baseline="256x1")}
+    assert summary["0x0"]["strict_fidelity"] == pytest.approx({"c": 0.5, "t": 0.75 * 0.8})
+    difference = summary["0x0"]["agreement_minus_256x1"]["c"]
+    assert difference["mean"] == pytest.approx(-0.3) and difference["low"] <= -0.3 <= difference["high"]
+    assert summary["0x0"]["agreement"]["c"]["mean"] == pytest.approx(0.5) and "t" not in summary["0x0"]["agreement"]
+    assert "agreement_minus_256x1" not in summary["256x1"]  # the baseline is not compared with itself
 
 
 def test_a_pair_without_round_prompts_is_refused(tiny_farm, tmp_path):
