@@ -208,6 +208,10 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
+    try:
+        rows = json.loads(args.out.read_text())["rows"] if args.out.is_file() else []
+    except (OSError, ValueError, KeyError, TypeError) as err:  # kept as it is: never overwritten
+        raise TeleLoRAError(f"--out {args.out} cannot be resumed ({type(err).__name__}: {err})") from err
     variants = [parse_variant(v) for v in args.variants]
     pairs = [parse_pair(p) for p in args.pairs]
     for model_dir, _ in pairs:
@@ -218,7 +222,6 @@ def run(args: argparse.Namespace) -> None:
         raise TeleLoRAError("--num_samples must be at least 1")
     meta = override_metaparameters(metaparameters.load(args.metaparameters), args.set)
     texts = load_texts(args.learned_parameters)
-    rows = json.loads(args.out.read_text())["rows"] if args.out.is_file() else []
 
     def emit(row: dict) -> None:
         rows.append(row)

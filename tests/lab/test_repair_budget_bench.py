@@ -76,3 +76,11 @@ def test_a_pair_without_round_prompts_is_refused(tiny_farm, tmp_path):
         bench.main(["--pairs", f"{base}:{root / 'out'}", "--out", str(tmp_path / "x.json")])
     with pytest.raises(SystemExit, match="expected MODEL_DIR:ROUND_DIR"):
         bench.main(["--pairs", str(root), "--out", str(tmp_path / "x.json")])
+
+
+def test_an_unreadable_out_file_is_one_clear_error_and_kept(tmp_path):
+    out = tmp_path / "budget.json"
+    out.write_text("{not json")
+    with pytest.raises(SystemExit, match=r"^error: --out .* cannot be resumed"):
+        bench.main(["--pairs", f"{tmp_path}:{tmp_path}", "--out", str(out)])
+    assert out.read_text() == "{not json"
