@@ -29,7 +29,15 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.mitigation_quality import BREAKDOWNS, RESAMPLES, bootstrap_mean, format_summary, plot, summarise  # noqa: E402
+from bench.mitigation_quality import (  # noqa: E402
+    BREAKDOWNS,
+    RESAMPLES,
+    bootstrap_mean,
+    format_summary,
+    label,
+    plot,
+    summarise,
+)
 from telelora.errors import TeleLoRAError  # noqa: E402
 from telelora.io_utils import atomic_write_text  # noqa: E402
 
@@ -76,8 +84,9 @@ def load_rows(runs: list[tuple[Path, set[str] | None]]) -> list[dict]:
 
 
 def paired_difference(rows: list[dict], first: str, second: str, resamples: int = RESAMPLES) -> dict:
-    """``first - second`` in strict Fidelity per model both measured, and its mean's interval."""
-    strict = {(r["model"], r["method"]): r["strict_fidelity"] for r in rows}
+    """``first - second`` in strict Fidelity per model both measured, and its mean's interval.
+    Methods are named as the summary names them (``telelora K=1``: one per K)."""
+    strict = {(r["model"], label(r)): r["strict_fidelity"] for r in rows}
     models = sorted(m for m, method in strict if method == first and (m, second) in strict)
     if not models:
         raise TeleLoRAError(f"--paired: no model has rows of both {first} and {second}")
@@ -100,8 +109,11 @@ def main(argv: list[str] | None = None) -> None:
             summaries["paired"] = paired_difference(rows, *args.paired)
     except TeleLoRAError as error:
         raise SystemExit(f"error: {error}") from None
-    atomic_write_text(args.out, json.dumps({"runs": args.runs, "rows": rows, "summaries": summaries}, indent=2))
-    plot(summaries["all"], rows, args.out.with_suffix(".png"))
+    try:
+        atomic_write_text(args.out, json.dumps({"runs": args.runs, "rows": rows, "summaries": summaries}, indent=2))
+        plot(summaries["all"], rows, args.out.with_suffix(".png"))
+    except OSError as error:  # a write is atomic: what --out held before is kept
+        raise SystemExit(f"error: cannot write {args.out} or its plot: {error}") from None
     for by, title in BREAKDOWNS.items():
         print(f"\n{title}:\n{format_summary(summaries[by], markdown=args.markdown)}")
     if args.paired:

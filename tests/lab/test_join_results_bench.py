@@ -76,3 +76,14 @@ def test_bad_runs_are_one_clear_error_each(tmp_path):
     with pytest.raises(SystemExit, match="no model has rows of both mitigate and crow"):
         bench.main(["--runs", good, "--paired", "mitigate", "crow", *out])
     assert not (tmp_path / "out.json").exists()
+    blocked = tmp_path / "file"
+    blocked.write_text("")
+    with pytest.raises(SystemExit, match="error: cannot write .*file/out.json"):
+        bench.main(["--runs", good, "--out", str(blocked / "out.json")])
+
+
+def test_a_method_measured_at_several_k_pairs_by_its_summary_name(tmp_path):
+    rows = [_row("a", "mitigate", 0.9), {**_row("a", "telelora", 0.4), "steps": 1},
+            {**_row("a", "telelora", 0.2), "steps": 2}]  # fmt: skip
+    paired = bench.paired_difference(rows, "mitigate", "telelora K=2")
+    assert paired["differences"] == pytest.approx([0.7])
