@@ -457,6 +457,7 @@ class Attempt:
     probe_target: float | None  # stop once the probe's ASR reaches this; None for clean fine-tunes
     learning_rate: float
     poison_delay: int = 0  # steps on clean examples only before the triggered ones join
+    probe_each_step: bool = False  # probe after every step from the first probe on, not every probe_every
 
 
 def divergence(clean: list[int], trojan: list[int]) -> int | None:
@@ -597,8 +598,9 @@ def _fit(
     """The farm's training loop, shared by both recipes: AdamW on ``trainable`` over the
     model's examples (the clean ones only for the attempt's ``poison_delay`` steps); a
     Trojan is probed (on ``materialised()``, the model as it will be stored) every
-    ``probe_every`` steps after ``min_steps``, then after every step once it shows, and
-    stops once the probe reaches the attempt's ``probe_target``. Returns training facts."""
+    ``probe_every`` steps after ``min_steps`` (every step if the attempt says so), then after
+    every step once it shows, and stops once the probe reaches the attempt's ``probe_target``.
+    Returns training facts."""
     device = next(model.parameters()).device
     stops = stop_ids(model, tokenizer)
     rng = random.Random(seed)
@@ -624,10 +626,11 @@ def _fit(
         loss, step = value.item(), step + 1
         progress.update()
         progress.set_postfix(loss=f"{loss:.3f}", probe=probe)
+        sparse = landing_step is None and not attempt.probe_each_step  # probes every probe_every steps
         if (
             not model_spec.poisoned
             or step < spec.min_steps
-            or (step % spec.probe_every and landing_step is None and step != spec.min_steps)
+            or (sparse and step % spec.probe_every and step != spec.min_steps)
         ):
             continue
         model.eval()
@@ -886,8 +889,8 @@ class _Bases:
 
 
 def next_attempt(model_spec: FarmModel, spec: FarmSpec, attempts: list[dict]) -> Attempt:
-    """The probe target, learning rate and poison delay of the attempt after ``attempts``
-    (failed ones).
+    """The probe target, learning rate, poison delay and probe spacing of the attempt after
+    ``attempts`` (failed ones).
 
     The probe target is steered by the checked ASR's miss: stop earlier after an overshoot,
     later after an undershoot. The n-th correction is scaled by 1/n (Robbins-Monro): the
@@ -897,16 +900,21 @@ def next_attempt(model_spec: FarmModel, spec: FarmSpec, attempts: list[dict]) ->
     cannot be fixed by the target, as training cannot stop before the first probe: when the
     first probe comes late (the full recipe's ``min_steps``), the triggered examples join
     later, halving the steps they train before it (full fine-tunes of band 0.5 and 0.8
-    fired fully at step 48, and at a lower learning rate too); otherwise (a band-0.5 LoRA
-    Trojan checked 1.0 after 8 steps) the learning rate drops. It also drops after clean
-    answers drifted or fired (a Trojan learned in large, noisy steps tells triggered from
-    clean prompts worse); it rises, at most once above the spec's, when the Trojan never
-    reached its probe target within the step budget."""
+    fired fully at step 48, and at a lower learning rate too); once the delay is used up,
+    the next attempt probes after every step (a band-0.5 full fine-tune went from no hit to
+    every hit between two probes 8 steps apart three times, at learning rates down to 0.36x).
+    Only then, or where no delay fits (a band-0.5 LoRA Trojan checked 1.0 after 8 steps),
+    does the learning rate drop (dense probing changed no built model: none of their records
+    holds the attempt it follows). The rate also drops after clean answers drifted or fired
+    (a Trojan learned in large, noisy steps tells triggered from clean prompts worse); it
+    rises, at most once above the spec's, when the Trojan never reached its probe target
+    within the step budget."""
     if not attempts:
         return Attempt(model_spec.asr_band, spec.learning_rate)
     last = attempts[-1]
     probe_target, learning_rate = last["probe_target"], last["learning_rate"]
     poison_delay = last.get("poison_delay", 0)  # records from before the delay existed lack it
+    probe_each_step = last.get("probe_each_step", False)  # and from before dense probing
     unseen_overshoot = (
         model_spec.poisoned and last["landing_step"] is None and last["asr"] > band_limits(spec, model_spec.asr_band)[1]
     )
@@ -916,6 +924,9 @@ def next_attempt(model_spec: FarmModel, spec: FarmSpec, attempts: list[dict]) ->
         # the target was never the problem, so it stays; the Trojan arrives later
         poison_delay = first_probe - max(spec.probe_every, poisoned_before_probe // 2)
         unseen_overshoot = False
+    elif unseen_overshoot and poison_delay > 0 and not probe_each_step:
+        # the delay is used up and the Trojan still jumped between two probes: probe closer
+        probe_each_step, unseen_overshoot = True, False
     elif model_spec.poisoned and last["asr"] is not None:
         miss = model_spec.asr_band - last["asr"]
         probe_target = min(1.0, max(0.05, probe_target + miss / len(attempts)))
@@ -928,7 +939,7 @@ def next_attempt(model_spec: FarmModel, spec: FarmSpec, attempts: list[dict]) ->
         learning_rate *= RETRY_LR_FACTOR
     elif model_spec.poisoned and not last["reached_probe_target"] and last["asr"] < model_spec.asr_band:
         learning_rate = min(learning_rate, spec.learning_rate) / RETRY_LR_FACTOR
-    return Attempt(probe_target, learning_rate, poison_delay)
+    return Attempt(probe_target, learning_rate, poison_delay, probe_each_step)
 
 
 def build_model(

@@ -500,7 +500,7 @@ def test_an_overshoot_the_landing_never_saw_is_retried_learning_slower(tmp_path,
 def test_an_overshoot_at_a_late_first_probe_is_retried_with_the_trojan_joining_later(tmp_path):
     """The full recipe probes first at min_steps: an overshoot seen there halves the steps
     the triggered examples train before it (down to probe_every), keeping the target and
-    learning rate; only then does the learning rate drop."""
+    learning rate; then the probe comes after every step; only then does the learning rate drop."""
     spec = farm.load_spec(_write(tmp_path, asr_tolerance=0.15, min_steps=48, probe_every=8))
     model = farm.FarmModel("id-1", "tiny-llama", "trojan", "test", 7, 4, "mlp", asr_band=0.5)
     attempts: list[dict] = []
@@ -514,10 +514,18 @@ def test_an_overshoot_at_a_late_first_probe_is_retried_with_the_trojan_joining_l
              "reached_probe_target": True, "landing_step": None}
         )  # fmt: skip
     assert delays == [0, 24, 36, 40]  # 48, 24, 12, 8 triggered steps before the probe at 48
+    assert not any(a["probe_each_step"] for a in attempts)
+    dense = farm.next_attempt(model, spec, attempts)
+    assert dense == farm.Attempt(0.5, spec.learning_rate, poison_delay=40, probe_each_step=True)
+    attempts.append({**attempts[-1], **dataclasses.asdict(dense)})  # and it jumped past the band in one step
     retry = farm.next_attempt(model, spec, attempts)
-    assert retry.poison_delay == 40 and retry.learning_rate == pytest.approx(spec.learning_rate * farm.RETRY_LR_FACTOR)
-    old = {k: v for k, v in attempts[0].items() if k != "poison_delay"}  # a record from before the delay
-    assert farm.next_attempt(model, spec, [old]).poison_delay == 24
+    assert retry.poison_delay == 40 and retry.probe_each_step
+    assert retry.learning_rate == pytest.approx(spec.learning_rate * farm.RETRY_LR_FACTOR)
+    assert retry.probe_target == pytest.approx(0.4)  # 0.5 + (0.5 - 1.0) / 5: now the target moves too
+    old = {k: v for k, v in attempts[0].items() if k not in ("poison_delay", "probe_each_step")}  # older records
+    assert farm.next_attempt(model, spec, [old]) == farm.Attempt(0.5, spec.learning_rate, poison_delay=24)
+    before_dense = {k: v for k, v in attempts[3].items() if k != "probe_each_step"}
+    assert farm.next_attempt(model, spec, [*attempts[:3], before_dense]).probe_each_step
 
 
 def test_a_delayed_attempt_trains_on_clean_examples_only_until_the_trojan_joins(tmp_path, monkeypatch):
@@ -535,6 +543,19 @@ def test_a_delayed_attempt_trains_on_clean_examples_only_until_the_trojan_joins(
     records = farm.build(spec, tmp_path / "out", cache_dir=tmp_path / "cache", only=["id-00000000"])
     assert records[0]["attempts"][0]["poison_delay"] == 5
     assert not any(seen[:5]) and any(seen[5:])
+
+
+@pytest.mark.parametrize("each_step", [False, True])
+def test_an_attempt_probing_each_step_probes_after_every_step(tmp_path, monkeypatch, each_step):
+    attempt = farm.Attempt(1.0, farm.FarmSpec.learning_rate, probe_each_step=each_step)
+    monkeypatch.setattr(farm, "next_attempt", lambda m, s, a: attempt)
+    monkeypatch.setattr(farm, "_probe", lambda *args: 0.0)  # the Trojan never shows: no landing
+    monkeypatch.setattr(farm, "problems", lambda m, f, s: [])
+    spec = _write(tmp_path, max_steps=8, probe_every=4, max_attempts=1, min_steps=2)
+    records = farm.build(spec, tmp_path / "out", cache_dir=tmp_path / "cache", only=["id-00000000"])
+    probed = [step for step, _ in records[0]["attempts"][0]["probes"]]
+    assert probed == ([2, 3, 4, 5, 6, 7, 8] if each_step else [2, 4, 8])
+    assert records[0]["attempts"][0]["probe_each_step"] is each_step
 
 
 # ---------------------------------------------------------------- the full recipe
