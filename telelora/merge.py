@@ -23,9 +23,9 @@ repaired. A merge that kept nearly all of the input's answers is a small change 
 fine-tune's merge), and a low-rank repair of it can re-grow a low-rank Trojan; a merge that cost
 many answers (a full fine-tune's) is where the repair gains.
 
-The tries share one read of each reference (``telelora.reference.merge_trial``). Without a
-poisoned reference and with the guard and the repair off, no model is built: the merge is written tensor by
-tensor from disk. Every weight dropped: the caller runs the generators.
+The tries and the write share one read of each reference (``telelora.reference.merge_trial``).
+Without a poisoned reference and with the guard and the repair off, no model is built: the merge
+is written tensor by tensor from disk. Every weight dropped: the caller runs the generators.
 """
 
 from __future__ import annotations
@@ -93,6 +93,8 @@ class MergePlan:
     trial: reference.MergeTrial = dataclasses.field(default_factory=reference.MergeTrial)
     from_depth: float = 0.0  # merge_from_depth: which blocks are merged
     repair: Repair | None = None  # None: repair_prompts is 0
+    # the references as the checks read them, for the write to reuse (empty: read from disk)
+    held: reference.HeldReferences = dataclasses.field(default_factory=dict, repr=False)
 
     @property
     def merges(self) -> bool:
@@ -144,7 +146,7 @@ def plan_merge(
         return plan
     model, tokenizer = load()
     dirs = [r.path for r in references]
-    with reference.merge_trial(model, model_dir, dirs, plan.trial, plan.from_depth) as merged:
+    with reference.merge_trial(model, model_dir, dirs, plan.trial, plan.from_depth, keep=plan.held) as merged:
         _check_triggers(model, tokenizer, references, weights, merged, texts, meta, plan)
         if sum(weights) > 0 and meta.merge_min_agreement > 0:
             plan.drift_guard = guard.fit_scale(
@@ -248,10 +250,11 @@ def _check_triggers(model, tokenizer, references, weights, merged, texts, meta, 
 def save_merge(
     model_dir: Path, output_dir: Path, plan: MergePlan, extra_files: dict[str, str], exclude: list[Path]
 ) -> None:
-    """Write the input with its weights merged as ``plan`` says, read from disk tensor by tensor
-    (no model is built: one read of the input and of each reference, one write)."""
+    """Write the input with its weights merged as ``plan`` says, tensor by tensor (no model is
+    built): one read of the input, one write, and the references' tensors as the checks held
+    them (``plan.held``), else one read of each."""
     dirs, weights = plan.kept()
-    with reference.open_references(dirs, weights) as tensor:
+    with reference.open_references(dirs, weights, plan.held) as tensor:
         changes = reference.merge_changes(model_dir, tensor, sum(weights), plan.from_depth)
         if plan.repair is not None and plan.repair.delta is not None:
             changes = repaired_changes(model_dir, changes, plan.repair.delta)

@@ -67,6 +67,9 @@ class Reference:
     triggers: tuple[Trigger, ...] = ()
 
 
+HeldReferences = dict[Path, dict[str, torch.Tensor]]  # {reference folder: {checkpoint name: tensor as stored}}
+
+
 def interpolate(weight: torch.Tensor, reference: torch.Tensor, reference_weight: float) -> torch.Tensor:
     """``(1 - w) W + w W_ref`` in float32 (the caller rounds it to the stored dtype)."""
     return torch.lerp(weight.float(), reference.float().to(weight.device), reference_weight)
@@ -224,13 +227,25 @@ def find_references(
     return found
 
 
+def _open_tensors(stack: contextlib.ExitStack, model_dir: Path) -> dict[str, object]:
+    """``{tensor name: the open safetensors file holding it}`` of a checkpoint, closed with ``stack``."""
+    handles = {}
+    for file in modelio.weight_files(model_dir):
+        handle = stack.enter_context(safe_open(str(file), framework="pt"))
+        handles.update(dict.fromkeys(handle.keys(), handle))
+    return handles
+
+
 @contextlib.contextmanager
 def open_references(
-    reference_dirs: list[Path], weights: list[float] | None = None
+    reference_dirs: list[Path], weights: list[float] | None = None, held: HeldReferences | None = None
 ) -> Iterator[Callable[[str], torch.Tensor]]:
     """A function ``tensor(name)``: the mean, in float32, of that tensor over the references,
     weighted by ``weights`` (default: equal), read one tensor at a time from disk, so merging a
-    large model holds one shard of the input and one tensor per reference."""
+    large model holds one shard of the input and one tensor per reference. A tensor that
+    ``held`` keeps for a reference (:func:`merge_trial` read it already, in its stored dtype)
+    is taken from there: the same float32 values, without reading the checkpoint again."""
+    held = {} if held is None else held
     if not reference_dirs:
         raise ValueError("open_references needs at least one reference model")
     weights = [1.0] * len(reference_dirs) if weights is None else list(weights)
@@ -238,22 +253,19 @@ def open_references(
         raise ValueError(f"open_references needs one non-negative weight per reference, not all 0: {weights}")
     kept = [(d, w / sum(weights)) for d, w in zip(reference_dirs, weights, strict=True) if w > 0]
     with contextlib.ExitStack() as stack:
-        where: list[dict] = []
-        for reference_dir, _ in kept:
-            handles = {}
-            for file in modelio.weight_files(reference_dir):
-                handle = stack.enter_context(safe_open(str(file), framework="pt"))
-                handles.update(dict.fromkeys(handle.keys(), handle))
-            where.append(handles)
+        where = [_open_tensors(stack, reference_dir) for reference_dir, _ in kept]
 
         def tensor(name: str) -> torch.Tensor:
             # out of place: a float32 tensor from get_tensor may be a view of the file's
             # private memory map, which an in-place sum would write into (and keep in RAM)
             total = None
             for (reference_dir, share), handles in zip(kept, where, strict=True):
-                if name not in handles:
+                if name in held.get(reference_dir, {}):
+                    value = held[reference_dir][name].to("cpu").float()
+                elif name not in handles:
                     raise TeleLoRAError(f"reference model {reference_dir} holds no tensor {name}")
-                value = handles[name].get_tensor(name).float()
+                else:
+                    value = handles[name].get_tensor(name).float()
                 value = value if share == 1 else value * share
                 total = value if total is None else total + value
             return total
@@ -400,6 +412,17 @@ class MergeTrial:
         return self.held_on != "disk"
 
 
+def _read_stored(reference_dir: Path, names: list[str], store: torch.device) -> dict[str, torch.Tensor]:
+    """``names`` of a reference's checkpoint, each in its stored dtype on ``store`` (a copy, never a
+    view of the file's memory map); a name the reference lacks is one clear error."""
+    with contextlib.ExitStack() as stack:
+        handles = _open_tensors(stack, reference_dir)
+        missing = [n for n in names if n not in handles]
+        if missing:
+            raise TeleLoRAError(f"reference model {reference_dir} holds no tensor {missing[0]}")
+        return {n: handles[n].get_tensor(n).to(store, copy=True) for n in names}
+
+
 @contextlib.contextmanager
 def merge_trial(
     model: torch.nn.Module,
@@ -407,21 +430,30 @@ def merge_trial(
     reference_dirs: list[Path],
     record: MergeTrial | None = None,
     from_depth: float = 0.0,
+    keep: HeldReferences | None = None,
 ) -> Iterator[Callable[[list[float]], contextlib.AbstractContextManager]]:
     """A function ``merged(weights)``: a context in which ``model`` computes as the merge with
     per-reference ``weights``, back to its own weights on exit (as :func:`merged_in`).
 
     The checks try up to ten merges; re-reading the input and every reference from disk for
     each costs about twenty passes over the checkpoints, too slow for an 8B model in NIST's
-    600 s. So each reference is read once into memory as its difference from the model, ``D_i =
-    W_i - W`` in the model's dtype, beside a copy of ``W``, and each try sets ``W + sum_i w_i D_i``
-    (computed in float32 on the model's device) and puts ``W`` back exactly. That holds ``1 + n``
-    copies of the merged weights (:func:`merged_tensors`), on the accelerator when they fit
-    there, else in RAM (:func:`trial_store`); when neither has room, one loud line and each try
-    reads from disk."""
+    600 s. So each reference is read once into memory as it is stored, ``W_i``, beside a copy
+    of ``W``, and each try sets ``W + sum_i w_i (W_i - W)`` (computed in float32 on the model's
+    device) and puts ``W`` back exactly. That holds ``1 + n`` copies of the merged weights
+    (:func:`merged_tensors`), on the accelerator when they fit there, else in RAM
+    (:func:`trial_store`); when neither has room, one loud line and each try reads from disk.
+    ``keep`` (a dict) receives the references as read, so the write takes them from memory
+    (:func:`open_references`) instead of reading every reference a second time: the merge
+    route then reads each checkpoint once, and the input once more to copy it."""
     record = MergeTrial() if record is None else record
     params = _merged_params(model, model_dir, from_depth)
-    record.bytes_held = sum(p.numel() * p.element_size() for p in params.values()) * (1 + len(reference_dirs))
+    stored = [modelio.tensor_headers(d) for d in reference_dirs]
+    record.bytes_held = sum(p.numel() * p.element_size() for p in params.values()) + sum(
+        p.numel() * modelio.SAFETENSORS_FLOATS[headers[n][0]].itemsize
+        for headers in stored
+        for n, p in params.items()
+        if n in headers and headers[n][0] in modelio.SAFETENSORS_FLOATS
+    )
     store = trial_store(next(iter(params.values())).device, record.bytes_held)
     record.held_on = str(store or "disk")
 
@@ -438,10 +470,9 @@ def merge_trial(
         return
     with torch.no_grad():
         own = {n: p.detach().to(store, copy=True) for n, p in params.items()}
-        differences = []
-        for reference_dir in reference_dirs:
-            with open_references([reference_dir]) as tensor:
-                differences.append({n: (tensor(n).to(store) - own[n].float()).to(own[n].dtype) for n in params})
+        references = [_read_stored(d, list(params), store) for d in reference_dirs]
+    if keep is not None:
+        keep.update(zip(reference_dirs, references, strict=True))
 
     @contextlib.contextmanager
     def merged(weights: list[float]) -> Iterator[None]:
@@ -451,10 +482,11 @@ def merge_trial(
             return
         with torch.no_grad():
             for name, param in params.items():
-                value = own[name].to(param.device, torch.float32, copy=True)
-                for weight, difference in zip(weights, differences, strict=True):
+                input_weight = own[name].to(param.device, torch.float32)
+                value = input_weight.clone()
+                for weight, held in zip(weights, references, strict=True):
                     if weight:
-                        value.add_(difference[name].to(param.device, torch.float32), alpha=weight)
+                        value.add_(held[name].to(param.device, torch.float32) - input_weight, alpha=weight)
                 param.copy_(value)
         try:
             yield

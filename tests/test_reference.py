@@ -2,6 +2,7 @@
 toward one or the mean of several (in the written checkpoint and in memory), the fallback to
 the generators, bad input."""
 
+import collections
 import json
 import logging
 import shutil
@@ -254,6 +255,33 @@ def _weights(model) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
+def _count_reads(monkeypatch) -> collections.Counter:
+    """Tensors read through ``reference``'s safetensors files, by model folder."""
+    reads: collections.Counter = collections.Counter()
+    real_open = reference.safe_open
+
+    class Counting:
+        def __init__(self, path, **kwargs):
+            self.folder, self.file = Path(path).parent, real_open(path, **kwargs)
+
+        def __enter__(self):
+            self.handle = self.file.__enter__()
+            return self
+
+        def __exit__(self, *exc):
+            return self.file.__exit__(*exc)
+
+        def keys(self):
+            return self.handle.keys()
+
+        def get_tensor(self, name):
+            reads[self.folder] += 1
+            return self.handle.get_tensor(name)
+
+    monkeypatch.setattr(reference, "safe_open", Counting)
+    return reads
+
+
 def test_merged_tensors_picks_the_blocks_from_a_relative_depth_on(caplog):
     names = ["model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"] + [
         f"model.layers.{i}.{part}.weight" for i in range(5) for part in ("mlp.down_proj", "input_layernorm")
@@ -323,12 +351,11 @@ def test_a_merge_trial_computes_each_merge_and_puts_the_input_back_exactly(
         expected.append(_weights(model))
     if not in_memory:
         monkeypatch.setattr(reference, "available_memory", lambda: 0)
-    opened = []
-    real_open = reference.open_references
-    monkeypatch.setattr(reference, "open_references", lambda dirs, *a: opened.append(list(dirs)) or real_open(dirs, *a))
     model = modelio.load_model(model_dir, torch.device("cpu"), torch.float32)
     own = _weights(model)
     record = reference.MergeTrial()
+    merged_count = len(reference._merged_params(model, model_dir, 0.0))
+    reads = _count_reads(monkeypatch)
     with reference.merge_trial(model, model_dir, refs, record) as merged:
         for weights, wanted in zip(tries, expected, strict=True):
             with merged(weights):
@@ -340,9 +367,40 @@ def test_a_merge_trial_computes_each_merge_and_puts_the_input_back_exactly(
     assert record.tries == len(tries)
     assert record.bytes_held == 3 * sum(p.numel() * p.element_size() for p in model.parameters())
     if in_memory:  # one read per reference, whatever the number of tries
-        assert opened == [[r] for r in refs]
-    else:  # each try that moves the model reads the references, and its restore the input
-        assert opened == [refs, [model_dir]] * 3
+        assert reads == {r: merged_count for r in refs}
+    else:  # each try that moves the model reads its references with a weight, and its restore the input
+        assert reads == {refs[0]: 2 * merged_count, refs[1]: 3 * merged_count, model_dir: 3 * merged_count}
+
+
+@pytest.mark.parametrize("from_depth", [0.0, 0.5])
+def test_the_write_takes_the_references_the_trial_held_and_writes_the_same_bytes(
+    training_round, tiny_models, tmp_path, monkeypatch, from_depth
+):
+    """The merge route reads each reference once: the trial keeps what it read (in the stored
+    dtype), and the write takes it from there, bit for bit what reading the files again gives."""
+    model_dir = tiny_models["llama"]
+    refs = [training_round / "models" / "id-5", training_round / "models" / "id-6"]
+    weights = [0.3, 0.15]
+    model = modelio.load_model(model_dir, torch.device("cpu"), torch.float32)
+    held: reference.HeldReferences = {}
+    with reference.merge_trial(model, model_dir, refs, from_depth=from_depth, keep=held) as merged:
+        with merged(weights):
+            pass
+    names = set(reference.merge_changes(model_dir, lambda n: None, 0.5, from_depth))
+    assert set(held) == set(refs) and all(set(h) == names for h in held.values())
+    for folder, tensors in held.items():  # as stored: a bfloat16 checkpoint is held in bfloat16
+        stored = modelio.tensor_headers(folder)
+        assert all(t.dtype == modelio.SAFETENSORS_FLOATS[stored[n][0]] for n, t in tensors.items())
+    outputs = {}
+    for source in ("disk", "memory"):
+        reads = _count_reads(monkeypatch)
+        outputs[source] = tmp_path / source
+        with reference.open_references(refs, weights, held if source == "memory" else None) as tensor:
+            changes = reference.merge_changes(model_dir, tensor, sum(weights), from_depth)
+            modelio.save_mitigated(model_dir, outputs[source], changes)
+        assert reads == ({} if source == "memory" else {r: len(names) for r in refs})
+    written = [(outputs[s] / "model.safetensors").read_bytes() for s in ("disk", "memory")]
+    assert written[0] == written[1]
 
 
 def test_available_memory_reads_a_positive_figure():

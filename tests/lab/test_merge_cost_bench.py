@@ -26,7 +26,8 @@ def test_a_row_times_the_route_and_its_repair(tmp_path, poisoned_round, learned_
         tiny.build_tokenizer(), torch.device("cpu"), torch.float32,
     )  # fmt: skip
     assert (tmp_path / "out" / "config.json").exists()
-    assert row["in_memory"] and row["checkpoint_passes_read"] == pytest.approx(4.0)
+    # the load, one read of the reference (tensor bytes: the file's header is not counted), the write's copy
+    assert row["in_memory"] and row["checkpoint_passes_read"] == pytest.approx(3.0, abs=0.05)
     assert row["weights"] == [0.02] and row["trigger_tries"] == 1  # the declared trigger does not fire
     if repair == "always":  # the shipped gate at 0.0 would stay shut: "always" opens it
         assert 0 < row["repair_examples"] <= 8 and row["repair_steps"] == -(-row["repair_examples"] // 2)
