@@ -260,7 +260,7 @@ def train_lora(loaded, examples: list[Example], pad: int, args, lr: float, seed:
     rng = random.Random(seed)
     loaded.model.train()
     with applied(loaded.layers, adapters):
-        for _ in range(args.steps):
+        for _ in tqdm(range(args.steps), desc=f"LoRA at lr {lr:g}", leave=False):
             batch = collate(rng.sample(examples, min(args.batch_size, len(examples))), pad, device)
             loss = answer_loss(loaded.model, batch)
             optimizer.zero_grad(set_to_none=True)
@@ -533,7 +533,7 @@ def main() -> None:
         write()
 
     for name in ("none", "model_specific_lora", "model_agnostic_lora"):
-        for llm in llms:
+        for llm in tqdm(llms, desc=name):
             if (name, llm.label) in done or (name, llm.label) not in mine:
                 continue
             start = time.time()
