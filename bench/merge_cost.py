@@ -43,6 +43,7 @@ from telelora import merge, metaparameters, modelio, reference  # noqa: E402
 from telelora.alignment import Trigger  # noqa: E402
 from telelora.io_utils import atomic_write_text  # noqa: E402
 from telelora.lab import tiny  # noqa: E402
+from telelora.lab.reads import counting_reads  # noqa: E402
 from telelora.texts import load as load_texts  # noqa: E402
 
 MODES = ("memory", "disk")
@@ -66,36 +67,11 @@ def _save_pair(name: str, root: Path, dtype: torch.dtype, noise: float, seed: in
     return root / "input", root / "reference"
 
 
-class _CountingFile:
-    """A safetensors file opened by ``telelora.reference`` that adds the bytes of every tensor read to ``total``."""
-
-    real_open = reference.safe_open
-
-    def __init__(self, total: list[int], path, **kwargs):
-        self.total, self.file = total, self.real_open(path, **kwargs)
-
-    def __enter__(self):
-        self.handle = self.file.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        return self.file.__exit__(*exc)
-
-    def keys(self):
-        return self.handle.keys()
-
-    def get_tensor(self, name):
-        tensor = self.handle.get_tensor(name)
-        self.total[0] += tensor.numel() * tensor.element_size()
-        return tensor
-
-
 def bench_mode(mode, model_dir, ref_dir, out_dir, meta, texts, tokenizer, device, dtype):
     """One merge route, load to saved output, with the checks tried in ``mode``; checkpoint reads counted."""
-    read = [0]  # bytes the merge code read from any checkpoint (references, and the input's restores)
-    counting = lambda path, **kwargs: _CountingFile(read, path, **kwargs)  # noqa: E731
     store = reference.trial_store if mode == "memory" else lambda device, bytes_held: None  # None: the disk fallback
-    with mock.patch.object(reference, "safe_open", counting), mock.patch.object(reference, "trial_store", store):
+    # every read of a checkpoint by the merge code (references, and the input's restores) counted
+    with counting_reads() as reads, mock.patch.object(reference, "trial_store", store):
         refs = [reference.Reference(ref_dir, "poisoned", (TRIGGER,))]
         start = time.perf_counter()
         model = modelio.load_model(model_dir, device, dtype)
@@ -108,7 +84,7 @@ def bench_mode(mode, model_dir, ref_dir, out_dir, meta, texts, tokenizer, device
         save_s = time.perf_counter() - start
     size = _checkpoint_bytes(model_dir)
     # the load and the save's read of the input, then every reference (and restore) read by the merge code
-    passes = 2 + read[0] / size
+    passes = 2 + sum(reads.bytes.values()) / size
     return {
         "mode": mode,
         "in_memory": plan.trial.in_memory,

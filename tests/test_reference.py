@@ -15,6 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from telelora import cli, mitigate, modelio, reference
 from telelora.lab import tiny
+from telelora.lab.reads import Reads, counting_open
 
 from .conftest import write_meta
 from .test_mitigate import _digest, _nist_args
@@ -257,29 +258,9 @@ def _weights(model) -> dict[str, torch.Tensor]:
 
 def _count_reads(monkeypatch) -> collections.Counter:
     """Tensors read through ``reference``'s safetensors files, by model folder."""
-    reads: collections.Counter = collections.Counter()
-    real_open = reference.safe_open
-
-    class Counting:
-        def __init__(self, path, **kwargs):
-            self.folder, self.file = Path(path).parent, real_open(path, **kwargs)
-
-        def __enter__(self):
-            self.handle = self.file.__enter__()
-            return self
-
-        def __exit__(self, *exc):
-            return self.file.__exit__(*exc)
-
-        def keys(self):
-            return self.handle.keys()
-
-        def get_tensor(self, name):
-            reads[self.folder] += 1
-            return self.handle.get_tensor(name)
-
-    monkeypatch.setattr(reference, "safe_open", Counting)
-    return reads
+    reads = Reads()
+    monkeypatch.setattr(reference, "safe_open", counting_open(reads))
+    return reads.tensors
 
 
 def test_merged_tensors_picks_the_blocks_from_a_relative_depth_on(caplog):
