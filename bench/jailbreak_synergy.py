@@ -19,6 +19,9 @@ projections, rank ``rank``):
 * ``model_specific_lora``: per LLM, an adapter trained on its own examples (its jailbreaks);
 * ``model_agnostic_lora``: per LLM, an adapter trained on every LLM's examples, each with the
   answer of the LLM it belongs to (re-tokenised);
+* ``model_specific_telelora``: per LLM, generators meta-trained the same way on its own
+  examples only (``--steps`` steps, the model-specific LoRA's budget): what the generator
+  fits with nothing shared, so that ``telelora`` against it is what sharing adds;
 * ``telelora``: generators meta-trained by ``configure``'s step on every LLM's own examples
   (``--steps`` x LLMs steps, one LLM's batch each), then applied to each LLM as ``mitigate``
   does (layer bound and drift guard included).
@@ -77,7 +80,7 @@ from telelora.metaparameters import REPO_ROOT, Metaparameters  # noqa: E402
 from telelora.texts import PROMPT_SLOT, Texts  # noqa: E402
 from telelora.texts import load as load_texts  # noqa: E402
 
-ROWS = ("none", "model_specific_lora", "model_agnostic_lora", "telelora")
+ROWS = ("none", "model_specific_lora", "model_agnostic_lora", "model_specific_telelora", "telelora")
 GROUPS = ("own", "other", "never", "assigned")  # assigned: own + other, the paper's "all 40 jailbreaks"
 PAPER = {"model_specific_lora": 11.31, "model_agnostic_lora": 11.86, "telelora": 10.96}  # Table 1b, seen LLMs
 MAX_PROMPT_CHARS = 240  # short questions: CPU-sized sequences
@@ -307,9 +310,10 @@ def validation_ppl(loaded, tokenizer, data: Data, adapters, args, device) -> flo
 # ---- TeleLoRA: configure's meta-training step on every LLM's own examples ---------------------
 
 
-def meta_train(llms, datas, meta: Metaparameters, args, device) -> tuple[GeneratorBank, dict, list[dict]]:
-    """Generators meta-trained with ``configure.meta_step`` (one LLM's batch per step, picked at
-    random as ``configure`` does), checkpointed in ``--workdir``; their layer ranges for the guard."""
+def meta_train(llms, datas, meta: Metaparameters, args, device, path: Path) -> tuple[GeneratorBank, dict, list[dict]]:
+    """Generators meta-trained on ``llms`` with ``configure.meta_step`` (``--steps`` per LLM, one
+    LLM's batch per step, picked at random as ``configure`` does), checkpointed at ``path``;
+    their layer ranges for the guard."""
     pool = configure.ModelPool(meta, device, 64 * 2**30)
     texts = load_texts(args.learned_parameters)
     items = []
@@ -330,7 +334,6 @@ def meta_train(llms, datas, meta: Metaparameters, args, device) -> tuple[Generat
     rng = random.Random(meta.seed)
     total = args.steps * len(llms)
     records: list[dict] = []
-    path = Path(args.workdir) / "meta_training.pt"
     fingerprint = {
         "llms": [str(m.path.resolve()) for m in llms],
         "settings": _settings(args),
@@ -411,6 +414,10 @@ def format_table(summary: list[dict], markdown: bool) -> str:
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)) for line in [header, *body])
 
 
+def running_mean(values: list[float], window: int) -> list[float]:
+    return [sum(values[max(0, i - window + 1) : i + 1]) / (i + 1 - max(0, i - window + 1)) for i in range(len(values))]
+
+
 def plot(summary: list[dict], rows: list[dict], records: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -427,15 +434,23 @@ def plot(summary: list[dict], rows: list[dict], records: list[dict], path: Path)
     left.set_xticks([k + width * (len(summary) - 1) / 2 for k in range(len(GROUPS))], GROUPS)
     left.set(ylabel="perplexity of held-out alignment examples (lower is better)", title="mean over LLMs, 95% interval")
     left.legend(fontsize="small")
-    if records:
-        losses = [r["loss"] for r in records]
-        window = max(1, len(losses) // 20)
-        smooth = [sum(losses[max(0, i - window + 1) : i + 1]) / len(losses[max(0, i - window + 1) : i + 1])
-                  for i in range(len(losses))]  # fmt: skip
-        right.plot(losses, color="0.8", linewidth=0.6, label="per step")
-        right.plot(smooth, color="C3", label=f"running mean ({window})")
-        right.set(xlabel="meta-training step", ylabel="loss (answer cross-entropy)", title="TeleLoRA meta-training")
-        right.legend(fontsize="small")
+    curves = {}  # LLM -> {row: its losses, in the order of its batches}
+    for r in records:
+        curves.setdefault(r["model"], {}).setdefault("telelora", []).append(r["loss"])
+    for r in rows:
+        if r["row"] == "model_specific_telelora":
+            curves.setdefault(r["llm"], {})["model_specific_telelora"] = r["losses"]
+    untouched = {r["llm"]: math.log(r["ppl_own"]) for r in rows if r["row"] == "none"}
+    for i, (llm, by_row) in enumerate(sorted(curves.items())):
+        for name, style in (("telelora", "-"), ("model_specific_telelora", "--")):
+            if name in by_row:
+                right.plot(running_mean(by_row[name], 8), style, color=f"C{i}", label=f"{llm}, {name}")
+        if llm in untouched:
+            right.axhline(untouched[llm], color=f"C{i}", linestyle=":", linewidth=0.8)
+    if curves:
+        right.set(xlabel="batches of that LLM", ylabel="loss (answer cross-entropy), running mean of 8",
+                  title="meta-training per LLM (dotted: no adapter, own jailbreaks' test examples)")  # fmt: skip
+        right.legend(fontsize="x-small", ncol=2)
     fig.tight_layout()
     save_figure(fig, path)
 
@@ -532,12 +547,13 @@ def main() -> None:
         done.add((name, llm.label))
         write()
 
+    meta32 = dataclasses.replace(meta, dtype="float32")  # every adapter is trained and applied in float32
     for name in ("none", "model_specific_lora", "model_agnostic_lora"):
         for llm in tqdm(llms, desc=name):
             if (name, llm.label) in done or (name, llm.label) not in mine:
                 continue
             start = time.time()
-            loaded = load_llm(llm.path, dataclasses.replace(meta, dtype="float32"), device)
+            loaded = load_llm(llm.path, meta32, device)
             tokenizer, data = tokenizers[llm.label], datas[llm.label]
             if name == "none":
                 record(name, llm, measure(loaded, tokenizer, data, {}, None, args, device), time.time() - start)
@@ -552,22 +568,34 @@ def main() -> None:
             extra = {"lr": best, "validation_ppl": {str(k): v for k, v in scores.items()}, "examples": len(examples)}
             record(name, llm, measure(loaded, tokenizer, data, trained[best], None, args, device),
                    time.time() - start, extra)  # fmt: skip
+
+    def mitigated(llm: LLM, bank: GeneratorBank, ranges: dict) -> tuple[dict, float]:
+        """Test figures of ``llm`` with the generators applied as ``mitigate`` does; the guard's scale."""
+        loaded, tokenizer = load_llm(llm.path, meta32, device), tokenizers[llm.label]
+        mitigation = plan_mitigation(loaded.model, tokenizer, bank, texts, meta, ranges)
+        figures = measure(loaded, tokenizer, datas[llm.label], None, mitigation.delta, args, device)
+        return figures, mitigation.drift_guard.scale
+
+    for llm in tqdm(llms, desc="model_specific_telelora"):
+        if ("model_specific_telelora", llm.label) in done or ("model_specific_telelora", llm.label) not in mine:
+            continue
+        start = time.time()
+        checkpoint_path = args.workdir / f"meta_training-{llm.label}.pt"
+        bank, ranges, trained = meta_train([llm], datas, meta32, args, device, checkpoint_path)
+        figures, scale = mitigated(llm, bank, ranges)
+        record("model_specific_telelora", llm, figures, time.time() - start,
+               {"guard_scale": scale, "losses": [r["loss"] for r in trained]})  # fmt: skip
     if any(("telelora", m.label) not in done for m in llms if ("telelora", m.label) in mine):
         start = time.time()
-        bank, ranges, trained = meta_train(llms, datas, dataclasses.replace(meta, dtype="float32"), args, device)
+        bank, ranges, trained = meta_train(llms, datas, meta32, args, device, args.workdir / "meta_training.pt")
         records[:] = trained
         per_llm = (time.time() - start) / len(llms)
         for llm in llms:
             if ("telelora", llm.label) in done or ("telelora", llm.label) not in mine:
                 continue
             tick = time.time()
-            loaded = load_llm(llm.path, dataclasses.replace(meta, dtype="float32"), device)
-            tokenizer = tokenizers[llm.label]
-            mitigation = plan_mitigation(loaded.model, tokenizer, bank, texts, meta, ranges)
-            figures = measure(loaded, tokenizer, datas[llm.label], None, mitigation.delta, args, device)
-            record(
-                "telelora", llm, figures, per_llm + time.time() - tick, {"guard_scale": mitigation.drift_guard.scale}
-            )
+            figures, scale = mitigated(llm, bank, ranges)
+            record("telelora", llm, figures, per_llm + time.time() - tick, {"guard_scale": scale})
 
     write()  # takes in what other processes wrote to --out meanwhile
     summary = summarise(rows)

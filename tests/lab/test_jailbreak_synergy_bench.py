@@ -1,6 +1,6 @@
 """The jailbreak synergy bench: its plan (disjoint jailbreaks, disjoint prompts), its examples
 (the plain prompt's own answer; one-hot targets make configure's loss the LoRA rows' loss), a
-tiny end-to-end run with every row, resumption and bad input."""
+tiny end-to-end run with every row (the model-specific generators too), resumption and bad input."""
 
 import json
 import sys
@@ -78,6 +78,7 @@ def test_bench_end_to_end(llms, learned_dir, meta, tmp_path, monkeypatch, capsys
     assert rows[("model_specific_lora", "a")]["examples"] == 4  # 2 jailbreaks x 2 examples
     assert rows[("model_agnostic_lora", "a")]["examples"] == 12  # every LLM's
     assert len(result["meta_training"]) == 2 * 3  # --steps per LLM
+    assert all(len(rows[("model_specific_telelora", llm)]["losses"]) == 2 for llm in "abc")  # --steps, its own
     assert {r["model"] for r in result["meta_training"]} <= {"a", "b", "c"}
     assert result["synergy"]["decided"] and {s["row"] for s in result["summary"]} == set(bench.ROWS)
     assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
