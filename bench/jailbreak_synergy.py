@@ -29,9 +29,11 @@ projections, rank ``rank``):
 Per LLM: perplexity of held-out examples (test prompts never trained on) of its own jailbreaks,
 of the other LLMs' jailbreaks, of the never-assigned ones, and of all assigned (the paper's
 figure); agreement with its own greedy answers on plain test prompts (what the adapter costs).
-Means over LLMs with bootstrap intervals. The adapters' learning rate is chosen per LoRA row on
-validation prompts (``--lora_lrs``); test prompts only report. Every adapter is trained in
-float32 on the CPU or the metaparameters' device.
+Means over LLMs with bootstrap intervals. With the ``telelora`` row, the cosine between the
+shared generators' gradients from batches of one LLM and of different LLMs, at the start and
+the end of meta-training (``--gradient_batches``): whether the LLMs pull the generators alike.
+The adapters' learning rate is chosen per LoRA row on validation prompts (``--lora_lrs``); test
+prompts only report. Every adapter is trained in float32 on the CPU or the metaparameters' device.
 
     OMP_NUM_THREADS=1 python bench/jailbreak_synergy.py \\
         --models smollm2=~/.cache/telelora/models/smollm2-135m-instruct gemma3=~/.cache/telelora/models/gemma3-270m \\
@@ -310,6 +312,36 @@ def validation_ppl(loaded, tokenizer, data: Data, adapters, args, device) -> flo
 # ---- TeleLoRA: configure's meta-training step on every LLM's own examples ---------------------
 
 
+def training_item(llm: LLM, examples: list[Example], meta: Metaparameters, texts: Texts, device):
+    """``llm`` loaded for meta-training, and what ``configure``'s step needs of it: its reference
+    activations and ``examples``."""
+    loaded = load_llm(llm.path, meta, device)
+    tokenizer = modelio.load_tokenizer(llm.path)
+    acts = activations.collect(
+        loaded.model, tokenizer, loaded.layers, texts.reference[: meta.num_reference_texts],
+        meta.activation_tokens, meta.activation_batch_size, meta.max_tokens, meta.seed,
+    )  # fmt: skip
+    layer_types = {layer.name: (layer.projection_type, layer.depth) for layer in loaded.layers}
+    item = TrainingModel(llm.path, {k: v.cpu() for k, v in acts.items()}, examples, [], pad_id(tokenizer),
+                         llm.label, layer_types)  # fmt: skip
+    return item, loaded
+
+
+def initial_bank(meta: Metaparameters, device) -> GeneratorBank:
+    """The generators meta-training starts from (seeded)."""
+    torch.manual_seed(meta.seed)
+    return GeneratorBank.from_metaparameters(meta).to(device)
+
+
+def meta_fingerprint(llms: list[LLM], meta: Metaparameters, args) -> dict:
+    """What a meta-training checkpoint must match to be resumed (or read by another bench)."""
+    return {
+        "llms": [str(m.path.resolve()) for m in llms],
+        "settings": _settings(args),
+        "meta": metaparameters.meta_training_knobs(meta),
+    }
+
+
 def meta_train(llms, datas, meta: Metaparameters, args, device, path: Path) -> tuple[GeneratorBank, dict, list[dict]]:
     """Generators meta-trained on ``llms`` with ``configure.meta_step`` (``--steps`` per LLM, one
     LLM's batch per step, picked at random as ``configure`` does), checkpointed at ``path``;
@@ -318,27 +350,15 @@ def meta_train(llms, datas, meta: Metaparameters, args, device, path: Path) -> t
     texts = load_texts(args.learned_parameters)
     items = []
     for llm in tqdm(llms, desc="reference activations"):
-        loaded = load_llm(llm.path, meta, device)
-        tokenizer = modelio.load_tokenizer(llm.path)
-        acts = activations.collect(
-            loaded.model, tokenizer, loaded.layers, texts.reference[: meta.num_reference_texts],
-            meta.activation_tokens, meta.activation_batch_size, meta.max_tokens, meta.seed,
-        )  # fmt: skip
-        layer_types = {layer.name: (layer.projection_type, layer.depth) for layer in loaded.layers}
-        items.append(TrainingModel(llm.path, {k: v.cpu() for k, v in acts.items()}, datas[llm.label].own, [],
-                                   pad_id(tokenizer), llm.label, layer_types))  # fmt: skip
+        item, loaded = training_item(llm, datas[llm.label].own, meta, texts, device)
+        items.append(item)
         pool.offer(llm.path, loaded)
-    torch.manual_seed(meta.seed)
-    bank = GeneratorBank.from_metaparameters(meta).to(device)
+    bank = initial_bank(meta, device)
     optimizer = torch.optim.AdamW(bank.parameters(), lr=meta.learning_rate)
     rng = random.Random(meta.seed)
     total = args.steps * len(llms)
     records: list[dict] = []
-    fingerprint = {
-        "llms": [str(m.path.resolve()) for m in llms],
-        "settings": _settings(args),
-        "meta": metaparameters.meta_training_knobs(meta),
-    }
+    fingerprint = meta_fingerprint(llms, meta, args)
     start = 0
     if path.is_file():
         state = checkpoint.load(path, fingerprint)
@@ -360,6 +380,67 @@ def meta_train(llms, datas, meta: Metaparameters, args, device, path: Path) -> t
             checkpoint.save(path, state)
     ranges = guard.layer_ranges(configure.adapter_norms(bank, items, meta, device))
     return bank, ranges, records
+
+
+def gradient_agreement(llms: list[LLM], datas: dict, meta: Metaparameters, args, device, banks: dict) -> dict:
+    """Do the LLMs pull the shared generators the same way? Per bank (``initial``: where
+    meta-training starts; ``final``: where it ended), the generators' gradient from each of
+    ``--gradient_batches`` seeded batches of each LLM's own examples (``configure``'s step, no
+    update), and the cosine of every pair: two batches of one LLM (``within``), of two LLMs of
+    one model type (``same_type``), of two types (``other_type``). Sharing can only help where
+    the LLMs' gradients point alike, as two batches of one LLM's do."""
+    texts = load_texts(args.learned_parameters)
+    tuned = dataclasses.replace(meta, train_batch_size=args.batch_size)
+    grads: dict[str, dict[tuple[str, int], torch.Tensor]] = {name: {} for name in banks}
+    losses: dict[str, dict[str, list[float]]] = {name: {} for name in banks}
+    types = {}
+    for llm in tqdm(llms, desc="generator gradients"):
+        item, loaded = training_item(llm, datas[llm.label].own, meta, texts, device)
+        types[llm.label] = loaded.model.config.model_type
+        rng = random.Random(args.seed + zlib.crc32(llm.label.encode()))
+        size = min(args.batch_size, len(item.examples))
+        batches = [rng.sample(item.examples, size) for _ in range(args.gradient_batches)]
+        for name, bank in banks.items():
+            for b, batch in enumerate(batches):
+                bank.zero_grad(set_to_none=True)
+                loss = configure.train_step(bank, item, loaded, batch, tuned, device)
+                losses[name].setdefault(llm.label, []).append(loss)
+                grads[name][llm.label, b] = torch.cat(
+                    [(q.grad if q.grad is not None else torch.zeros_like(q)).flatten().cpu() for q in bank.parameters()]
+                )
+        del item, loaded
+    out = {"types": types, "batches": args.gradient_batches, "banks": {}}
+    for name, by_key in grads.items():
+        keys = list(by_key)
+        pairs = []
+        for i, (a, batch_a) in enumerate(keys):
+            for b, batch_b in keys[i + 1 :]:
+                cosine = float(torch.nn.functional.cosine_similarity(by_key[a, batch_a], by_key[b, batch_b], dim=0))
+                kind = "within" if a == b else "same_type" if types[a] == types[b] else "other_type"
+                pairs.append({"a": a, "b": b, "kind": kind, "cosine": cosine})
+        means = {
+            kind: _mean_or_none([p["cosine"] for p in pairs if p["kind"] == kind])
+            for kind in ("within", "same_type", "other_type")
+        }
+        out["banks"][name] = {"mean_cosine": means, "losses": losses[name], "pairs": pairs}
+    return out
+
+
+def _mean_or_none(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def final_bank(llms: list[LLM], meta: Metaparameters, args, device) -> GeneratorBank | None:
+    """The shared generators as meta-training ended, or None while it has not."""
+    path = args.workdir / "meta_training.pt"
+    if not path.is_file():
+        return None
+    state = checkpoint.load(path, meta_fingerprint(llms, meta, args))
+    if state["step"] < args.steps * len(llms):
+        return None
+    bank = GeneratorBank.from_metaparameters(meta).to(device)
+    bank.load_state_dict(state["bank"])
+    return bank
 
 
 # ---- the run ----------------------------------------------------------------------------------
@@ -418,13 +499,13 @@ def running_mean(values: list[float], window: int) -> list[float]:
     return [sum(values[max(0, i - window + 1) : i + 1]) / (i + 1 - max(0, i - window + 1)) for i in range(len(values))]
 
 
-def plot(summary: list[dict], rows: list[dict], records: list[dict], path: Path) -> None:
+def plot(summary: list[dict], rows: list[dict], records: list[dict], gradients: dict, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, (left, right, third) = plt.subplots(1, 3, figsize=(18, 4.5))
     width = 0.8 / max(len(summary), 1)
     for i, s in enumerate(summary):
         means = [s[f"ppl_{g}"]["mean"] for g in GROUPS]
@@ -451,6 +532,19 @@ def plot(summary: list[dict], rows: list[dict], records: list[dict], path: Path)
         right.set(xlabel="batches of that LLM", ylabel="loss (answer cross-entropy), running mean of 8",
                   title="meta-training per LLM (dotted: no adapter, own jailbreaks' test examples)")  # fmt: skip
         right.legend(fontsize="x-small", ncol=2)
+    kinds = ("within", "same_type", "other_type")
+    for i, (name, bank) in enumerate(gradients.get("banks", {}).items()):
+        for k, kind in enumerate(kinds):
+            values = [p["cosine"] for p in bank["pairs"] if p["kind"] == kind]
+            third.scatter([k + 0.2 * i] * len(values), values, s=8, color=f"C{i}", alpha=0.5)
+            if values:
+                third.hlines(sum(values) / len(values), k + 0.2 * i - 0.08, k + 0.2 * i + 0.08, color=f"C{i}",
+                             label=name if k == 0 else None)  # fmt: skip
+    if gradients.get("banks"):
+        third.axhline(0.0, color="0.6", linewidth=0.6)
+        third.set_xticks([k + 0.1 for k in range(len(kinds))], ["one LLM", "LLMs of one type", "other types"])
+        third.set(ylabel="cosine of generator gradients (bar: mean)", title="do the LLMs pull the generators alike?")
+        third.legend(fontsize="small", title="bank")
     fig.tight_layout()
     save_figure(fig, path)
 
@@ -479,6 +573,9 @@ def main() -> None:
                         "templates fit every tokenizer")  # fmt: skip
     parser.add_argument("--lora_lrs", type=float, nargs="+", default=[3e-4, 1e-3, 3e-3],
                         help="LoRA learning rates; each LoRA row takes the best on validation prompts")  # fmt: skip
+    parser.add_argument("--gradient_batches", type=int, default=2,
+                        help="batches per LLM whose generator gradients are compared (with the telelora row; "
+                        "0: none)")  # fmt: skip
     parser.add_argument("--checkpoint_interval", type=int, default=25)
     parser.add_argument(
         "--resume",
@@ -521,6 +618,7 @@ def main() -> None:
     datas = {m.label: build_data(m, llms, plan, answers, tokenizers[m.label], meta.max_tokens) for m in llms}
     rows: list[dict] = previous["rows"] if previous else []
     records: list[dict] = previous.get("meta_training", []) if previous else []
+    gradients: dict = previous.get("gradients", {}) if previous else {}
     done = {(r["row"], r["llm"]) for r in rows}
     mine = {(name, m.label) for name in args.rows for m in llms if args.llms is None or m.label in args.llms}
 
@@ -534,13 +632,14 @@ def main() -> None:
                     rows.extend(r for r in on_disk["rows"] if (r["row"], r["llm"]) not in done)
                     done.update((r["row"], r["llm"]) for r in on_disk["rows"])
                     records[:] = records or on_disk.get("meta_training", [])
+                    gradients.update(gradients or on_disk.get("gradients", {}))
             summary = summarise(rows)
             payload = {"settings": settings, "metaparameters": meta.to_dict(), "device": str(device),
                        "plan": {"templates": plan.templates, "assigned": plan.assigned, "never": plan.never},
                        "rows": rows, "summary": summary, "synergy": synergy(summary), "paper": PAPER,
-                       "meta_training": records}  # fmt: skip
+                       "meta_training": records, "gradients": gradients}  # fmt: skip
             atomic_write_text(args.out, json.dumps(payload, indent=1))
-            plot(summary, rows, records, args.out.with_suffix(".png"))
+            plot(summary, rows, records, gradients, args.out.with_suffix(".png"))
 
     def record(name: str, llm: LLM, figures: dict, seconds: float, extra: dict | None = None) -> None:
         rows.append({"row": name, "llm": llm.label, **figures, "seconds": round(seconds, 1), **(extra or {})})
@@ -597,6 +696,13 @@ def main() -> None:
             figures, scale = mitigated(llm, bank, ranges)
             record("telelora", llm, figures, per_llm + time.time() - tick, {"guard_scale": scale})
 
+    measures_telelora = all(("telelora", m.label) in mine for m in llms)
+    if measures_telelora and args.gradient_batches > 0 and gradients.get("batches") != args.gradient_batches:
+        bank = final_bank(llms, meta32, args, device)
+        if bank is not None:
+            banks = {"initial": initial_bank(meta32, device), "final": bank}
+            gradients.clear()
+            gradients.update(gradient_agreement(llms, datas, meta32, args, device, banks))
     write()  # takes in what other processes wrote to --out meanwhile
     summary = summarise(rows)
     print(f"jailbreak synergy: {len(llms)} LLMs, {args.jailbreaks_per_llm} jailbreaks each, {args.never} never "
@@ -607,6 +713,9 @@ def main() -> None:
         print(
             f"synergy (TeleLoRA below both LoRA rows on other LLMs' jailbreaks, intervals apart): {verdict['synergy']}"
         )
+    for name, bank in gradients.get("banks", {}).items():
+        means = ", ".join(f"{k} {v:+.2f}" for k, v in bank["mean_cosine"].items() if v is not None)
+        print(f"generator gradients, {name} bank: mean cosine {means}")
     print(f"wrote {args.out}")
 
 

@@ -81,11 +81,20 @@ def test_bench_end_to_end(llms, learned_dir, meta, tmp_path, monkeypatch, capsys
     assert all(len(rows[("model_specific_telelora", llm)]["losses"]) == 2 for llm in "abc")  # --steps, its own
     assert {r["model"] for r in result["meta_training"]} <= {"a", "b", "c"}
     assert result["synergy"]["decided"] and {s["row"] for s in result["summary"]} == set(bench.ROWS)
+    gradients = result["gradients"]  # 2 batches of each of a, b (qwen2), c: cosines at both ends of meta-training
+    assert gradients["types"] == {"a": "llama", "b": "qwen2", "c": "llama"} and set(gradients["banks"]) == {
+        "initial", "final"}  # fmt: skip
+    for bank in gradients["banks"].values():
+        kinds = [p["kind"] for p in bank["pairs"]]
+        assert (kinds.count("within"), kinds.count("same_type"), kinds.count("other_type")) == (3, 4, 8)
+        assert all(-1.0 <= p["cosine"] <= 1.0 for p in bank["pairs"]) and len(bank["losses"]["b"]) == 2
+    assert gradients["banks"]["initial"]["pairs"] != gradients["banks"]["final"]["pairs"]  # meta-training moved it
     assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| row | LLMs |" in capsys.readouterr().out
     # resumed with the same settings: nothing is measured again, every figure kept
     _run(monkeypatch, _argv(llms, learned_dir, meta, tmp_path / "work", out, "--resume"))
-    assert json.loads(out.read_text())["rows"] == result["rows"]
+    resumed = json.loads(out.read_text())
+    assert resumed["rows"] == result["rows"] and resumed["gradients"] == result["gradients"]
     with pytest.raises(SystemExit, match="other settings"):
         _run(monkeypatch, _argv(llms, learned_dir, meta, tmp_path / "work", out, "--resume", "--steps", "3"))
 
