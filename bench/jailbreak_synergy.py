@@ -71,7 +71,7 @@ from telelora import activations, checkpoint, configure, guard, metaparameters, 
 from telelora.adapters import Adapter, applied  # noqa: E402
 from telelora.alignment import Example, answer_example, answer_loss, collate  # noqa: E402
 from telelora.chat import agreement, greedy_answers, pad_id, prompt_ids, stop_ids  # noqa: E402
-from telelora.configure import TrainingModel, load_llm  # noqa: E402
+from telelora.configure import LoadedModel, TrainingModel, load_llm  # noqa: E402
 from telelora.distributed import World  # noqa: E402
 from telelora.errors import TeleLoRAError  # noqa: E402
 from telelora.generated import plan_mitigation  # noqa: E402
@@ -312,7 +312,9 @@ def validation_ppl(loaded, tokenizer, data: Data, adapters, args, device) -> flo
 # ---- TeleLoRA: configure's meta-training step on every LLM's own examples ---------------------
 
 
-def training_item(llm: LLM, examples: list[Example], meta: Metaparameters, texts: Texts, device):
+def training_item(
+    llm: LLM, examples: list[Example], meta: Metaparameters, texts: Texts, device
+) -> tuple[TrainingModel, LoadedModel]:
     """``llm`` loaded for meta-training, and what ``configure``'s step needs of it: its reference
     activations and ``examples``."""
     loaded = load_llm(llm.path, meta, device)
@@ -496,6 +498,7 @@ def format_table(summary: list[dict], markdown: bool) -> str:
 
 
 def running_mean(values: list[float], window: int) -> list[float]:
+    """Mean of each value and the ``window - 1`` before it (fewer at the start)."""
     return [sum(values[max(0, i - window + 1) : i + 1]) / (i + 1 - max(0, i - window + 1)) for i in range(len(values))]
 
 
