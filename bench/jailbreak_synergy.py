@@ -466,14 +466,21 @@ def summarise(rows: list[dict]) -> list[dict]:
     return out
 
 
-def synergy(summary: list[dict]) -> dict:
-    """TeleLoRA below both LoRA rows on the other LLMs' jailbreaks with intervals apart."""
+def synergy(summary: list[dict], rows: list[dict]) -> dict:
+    """TeleLoRA below both LoRA rows on the other LLMs' jailbreaks with intervals apart; beside
+    it, TeleLoRA minus each other row, paired by LLM (mean and interval over the LLMs both have)."""
     by = {s["row"]: s for s in summary}
+    ppl = {(r["row"], r["llm"]): r["ppl_other"] for r in rows}
+    paired = {}
+    for name in by:
+        both = [llm for (row, llm) in ppl if row == name and ("telelora", llm) in ppl]
+        if name != "telelora" and both:
+            paired[name] = bootstrap_mean([ppl["telelora", llm] - ppl[name, llm] for llm in both])
     if not all(r in by for r in ("telelora", "model_specific_lora", "model_agnostic_lora")):
-        return {"decided": False}
+        return {"decided": False, "telelora_minus": paired}
     tele = by["telelora"]["ppl_other"]
     apart = {r: tele["high"] < by[r]["ppl_other"]["low"] for r in ("model_specific_lora", "model_agnostic_lora")}
-    return {"decided": True, "apart_from": apart, "synergy": all(apart.values())}
+    return {"decided": True, "apart_from": apart, "synergy": all(apart.values()), "telelora_minus": paired}
 
 
 def format_table(summary: list[dict], markdown: bool) -> str:
@@ -639,7 +646,7 @@ def main() -> None:
             summary = summarise(rows)
             payload = {"settings": settings, "metaparameters": meta.to_dict(), "device": str(device),
                        "plan": {"templates": plan.templates, "assigned": plan.assigned, "never": plan.never},
-                       "rows": rows, "summary": summary, "synergy": synergy(summary), "paper": PAPER,
+                       "rows": rows, "summary": summary, "synergy": synergy(summary, rows), "paper": PAPER,
                        "meta_training": records, "gradients": gradients}  # fmt: skip
             atomic_write_text(args.out, json.dumps(payload, indent=1))
             plot(summary, rows, records, gradients, args.out.with_suffix(".png"))
@@ -711,7 +718,10 @@ def main() -> None:
     print(f"jailbreak synergy: {len(llms)} LLMs, {args.jailbreaks_per_llm} jailbreaks each, {args.never} never "
           f"assigned; {args.steps} batches of {args.batch_size} per LLM, rank {args.rank}; on {device}")  # fmt: skip
     print(format_table(summary, args.markdown))
-    verdict = synergy(summary)
+    verdict = synergy(summary, rows)
+    for name, stat in verdict["telelora_minus"].items():
+        print(f"TeleLoRA - {name}, other LLMs' jailbreaks, paired over {stat['n']} LLMs: "
+              f"{stat['mean']:+.2f} [{stat['low']:+.2f}, {stat['high']:+.2f}]")  # fmt: skip
     if verdict["decided"]:
         print(
             f"synergy (TeleLoRA below both LoRA rows on other LLMs' jailbreaks, intervals apart): {verdict['synergy']}"

@@ -81,6 +81,10 @@ def test_bench_end_to_end(llms, learned_dir, meta, tmp_path, monkeypatch, capsys
     assert all(len(rows[("model_specific_telelora", llm)]["losses"]) == 2 for llm in "abc")  # --steps, its own
     assert {r["model"] for r in result["meta_training"]} <= {"a", "b", "c"}
     assert result["synergy"]["decided"] and {s["row"] for s in result["summary"]} == set(bench.ROWS)
+    paired = result["synergy"]["telelora_minus"]  # per LLM, then the mean: TeleLoRA's figure minus each row's
+    assert set(paired) == set(bench.ROWS) - {"telelora"} and all(stat["n"] == 3 for stat in paired.values())
+    difference = [rows["telelora", llm]["ppl_other"] - rows["none", llm]["ppl_other"] for llm in "abc"]
+    assert paired["none"]["mean"] == pytest.approx(sum(difference) / 3)
     gradients = result["gradients"]  # 2 batches of each of a, b (qwen2), c: cosines at both ends of meta-training
     assert gradients["types"] == {"a": "llama", "b": "qwen2", "c": "llama"} and set(gradients["banks"]) == {
         "initial", "final"}  # fmt: skip
