@@ -603,6 +603,8 @@ def main() -> None:
         meta = dataclasses.replace(meta, rank=args.rank, max_tokens=args.max_tokens)
         if args.steps < 1 or args.batch_size < 1 or args.examples_per_jailbreak < 1 or args.test_prompts < 1:
             raise TeleLoRAError("--steps, --batch_size, --examples_per_jailbreak, --test_prompts must be at least 1")
+        if args.gradient_batches < 0:
+            raise TeleLoRAError("--gradient_batches must be 0 (none) or more")
         llms = parse_models(args.models)
         if len(llms) < 2:
             raise TeleLoRAError("--models: synergy needs at least 2 LLMs")

@@ -151,3 +151,4 @@ def test_bad_input_is_one_clear_error(llms, learned_dir, meta, tmp_path, monkeyp
     assert "at least 2 LLMs" in error(llms[:1])
     assert "missing" in error([*llms[:1], f"x={tmp_path / 'missing'}"])
     assert "not labels of --models" in error(llms[:2], "--llms", "z")
+    assert "--gradient_batches must be 0" in error(llms[:2], "--gradient_batches", "-1")
